@@ -1,0 +1,416 @@
+"""Typed experiment configs (dataclasses), strict YAML loading and validation.
+
+One YAML per experiment (``configs/``). Every field has a docstring; an unknown key, a wrong type or an out-of-range
+value stops loading with a :class:`ConfigError` that names the key, the problem and the fix.
+
+    cfg = load_config("configs/pickcube_stepnft.yaml", overrides=["train.iterations=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "DemoConfig", "SFTConfig", "NFTConfig", "TrainConfig",
+           "EngineConfig", "ExperimentConfig", "load_config", "config_from_dict", "config_to_dict", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range. The message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass(kw_only=True)
+class EnvConfig:
+    """Vectorised simulator (SPEC notation: one env step executes one action of a chunk)."""
+
+    task: str = "PickCube-v1"
+    """Task id: a ManiSkill3 env id (``PickCube-v1``) or ``bandit`` (synthetic contextual bandit, no simulator)."""
+    control_mode: str = "pd_ee_delta_pos"
+    """ManiSkill controller. ``pd_ee_delta_pos`` (end-effector deltas + gripper) is what the policy learns."""
+    obs_mode: str = "state"
+    """ManiSkill observation mode; the state-based expert needs ``state``."""
+    max_episode_steps: int = 100
+    """Episode length limit in env steps (PickCube-v1's default of 50 cuts most motion-planned demos)."""
+    num_envs: int = 8
+    """Parallel environments (on CPU: single-env ManiSkill copies in spawned subprocesses)."""
+    sim_backend: Literal["cpu", "gpu", "auto"] = "auto"
+    """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene; ``auto`` = gpu if CUDA else cpu."""
+    train_seed: int = 0
+    """Training episodes use seeds ``train_seed + k`` (k counts episodes across iterations)."""
+    eval_seed: int = 1_000_000
+    """Held-out evaluation episodes use seeds ``eval_seed + j``; must not overlap any training/demo seed."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+        _require(self.num_envs >= 1, "env.num_envs", "must be >= 1")
+        _require(self.obs_mode == "state", "env.obs_mode", "only 'state' is supported by the state-based policy")
+        _require(self.eval_seed > self.train_seed, "env.eval_seed",
+                 "must be larger than env.train_seed so held-out seeds stay disjoint from training seeds")
+
+
+@dataclass(kw_only=True)
+class PolicyConfig:
+    """State-based flow policy: a small transformer action expert over ``[state token, H action tokens]``."""
+
+    horizon: int = 8
+    """Action horizon H: tokens predicted per policy call."""
+    chunk: int = 5
+    """Executed chunk C <= H: actions executed (and supervised) per policy call."""
+    action_pad: int = 0
+    """Pad the action dim to this width D (pi0 uses 32); 0 = no padding (D = the env's action dim)."""
+    width: int = 128
+    """Transformer width (token embedding size)."""
+    depth: int = 3
+    """Number of transformer blocks."""
+    heads: int = 4
+    """Attention heads; must divide ``width``."""
+    mlp_ratio: float = 4.0
+    """Hidden size of the block MLP as a multiple of ``width``."""
+    dropout: float = 0.0
+    """Dropout inside the blocks (0 keeps rollouts and updates consistent)."""
+    num_steps: int = 4
+    """Denoising steps K of the sampler (SPEC S1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.horizon >= 1, "policy.horizon", "must be >= 1")
+        _require(1 <= self.chunk <= self.horizon, "policy.chunk", f"must be in [1, horizon={self.horizon}]")
+        _require(self.action_pad >= 0, "policy.action_pad", "must be >= 0 (0 = no padding)")
+        _require(self.width >= 8 and self.heads >= 1 and self.width % self.heads == 0, "policy.heads",
+                 f"width={self.width} must be divisible by heads={self.heads}")
+        _require(self.depth >= 1, "policy.depth", "must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, "policy.dropout", "must be in [0, 1)")
+        _require(self.num_steps >= 1, "policy.num_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Motion-planned demonstrations (ManiSkill3's ``mani_skill.examples.motionplanning``)."""
+
+    num_demos: int = 100
+    """Successful trajectories to generate (failed plans are discarded)."""
+    seed: int = 500_000
+    """First seed of the demo episodes (disjoint from training and evaluation seeds)."""
+    path: str = "demos"
+    """Folder (relative to the run's ``data_dir``) for the demo files."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_demos >= 1, "demos.num_demos", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """Few-shot supervised flow-matching initialisation (``u = eps - a``)."""
+
+    num_demos: int = 65
+    """Demonstrations used for SFT (few enough that the start leaves room for RL)."""
+    steps: int = 15_000
+    """Gradient steps."""
+    batch_size: int = 256
+    """Samples per step."""
+    lr: float = 3e-4
+    """AdamW learning rate (cosine-decayed to 10 %)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of initialisation and batching."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_demos >= 1, "sft.num_demos", "must be >= 1")
+        _require(self.steps >= 1, "sft.steps", "must be >= 1")
+        _require(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        _require(self.lr > 0, "sft.lr", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class NFTConfig:
+    """π-StepNFT objective and rollout sampling (SPEC S2, S5-S8)."""
+
+    noise_level: float = 0.2
+    """Flow-SDE noise level a (S2); the only source of exploration."""
+    beta: float = 1.0
+    """Trust region: half-width of the mirrored branches (S5)."""
+    gamma: float = 1.0
+    """Logistic temperature ("dpo beta") of the ranking loss (S7)."""
+    max_drift: float | None = 0.5
+    """Per-token L2 clip of ``v_theta - v_old`` over D (S5); null disables it."""
+    kl_coef: float = 1e-4
+    """Weight of the velocity-drift penalty (S7)."""
+    loss: Literal["ranking", "wmse"] = "ranking"
+    """``ranking`` (S7, default) or ``wmse`` (DiffusionNFT-style, S8)."""
+    target: Literal["next", "x0"] = "next"
+    """Supervise the next solver state (default) or the terminal sample (S8)."""
+    branches: Literal["both", "positive", "negative"] = "both"
+    """Both mirrored branches, or a single-branch ablation (S8)."""
+    rollout: Literal["sde", "ode"] = "sde"
+    """``sde``: Flow-SDE rollouts; ``ode``: noise off during rollouts (the paper's ODE baseline, S8)."""
+    step: str = "random"
+    """Supervised solver index: ``random`` (U{0..K-1} per sample, S3) or ``fixed:j``."""
+    steps_per_call: int = 1
+    """Solver transitions stored per policy call (1 = the paper; up to K records several distinct steps)."""
+
+    def __post_init__(self) -> None:
+        _require(self.noise_level >= 0, "nft.noise_level", "must be >= 0")
+        _require(self.beta > 0, "nft.beta", "must be > 0")
+        _require(self.gamma > 0, "nft.gamma", "must be > 0")
+        _require(self.max_drift is None or self.max_drift > 0, "nft.max_drift", "must be > 0 or null (no clip)")
+        _require(self.kl_coef >= 0, "nft.kl_coef", "must be >= 0")
+        _require(self.steps_per_call >= 1, "nft.steps_per_call", "must be >= 1")
+        _require(self.step == "random" or (self.step.startswith("fixed:") and self.step[6:].isdigit()), "nft.step",
+                 f"must be 'random' or 'fixed:j' with j an integer solver index, got {self.step!r}")
+
+    def fixed_step(self) -> int | None:
+        """The fixed solver index of ``step = fixed:j``, or None for ``random``."""
+        return int(self.step[6:]) if self.step.startswith("fixed:") else None
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """DeepSpeed ZeRO actor engine and kernel dispatch."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0-3 for the action expert (optimizer state / gradients / parameters sharded across ranks)."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """``auto``: fused Triton kernels where supported and faster (CUDA), else the PyTorch reference."""
+    cuda_graphs: bool = True
+    """Capture the rollout sampler in a CUDA graph when running on a GPU (ignored on CPU)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training precision of the action expert (bf16 needs a GPU)."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Online StepNFT loop (SPEC S3, S4, S9; optimiser as the paper, Appendix C.2)."""
+
+    iterations: int = 100
+    """Training iterations T (rollout, update epochs, EMA)."""
+    episodes_per_iter: int = 64
+    """Episodes collected per iteration (across all envs of this rank)."""
+    update_epochs: int = 1
+    """Passes over each iteration's buffer."""
+    micro_batch: int = 512
+    """Samples per gradient step."""
+    lr: float = 3e-5
+    """AdamW learning rate (constant)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    ema_start: float = 0.1
+    """EMA decay at iteration 0 (S9)."""
+    ema_end: float = 0.995
+    """EMA decay at the end of the schedule (S9)."""
+    ema_horizon: int = 0
+    """T of the EMA schedule (S9); 0 = ``iterations``."""
+    eval_every: int = 10
+    """Evaluate (ODE sampling, held-out seeds) every this many iterations; 0 = only at the end."""
+    eval_episodes: int = 200
+    """Held-out episodes per evaluation."""
+    checkpoint_every: int = 5
+    """Write a checkpoint every this many iterations (atomically)."""
+    seed: int = 0
+    """Seed of the RL run (rollout noise, step indices, shuffling)."""
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, "train.iterations", "must be >= 1")
+        _require(self.episodes_per_iter >= 1, "train.episodes_per_iter", "must be >= 1")
+        _require(self.update_epochs >= 1, "train.update_epochs", "must be >= 1")
+        _require(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                 "must be two floats in [0, 1)")
+        _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+        _require(0 <= self.ema_start <= 1 and 0 <= self.ema_end <= 1, "train.ema_start",
+                 "EMA decays must lie in [0, 1]")
+        _require(self.eval_every >= 0 and self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _require(self.eval_episodes >= 1, "train.eval_episodes", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """One experiment: the embedded default is ``configs/pickcube_stepnft.yaml``."""
+
+    name: str = "pickcube_stepnft"
+    """Experiment name (used in the run directory)."""
+    run_dir: str = "runs/pickcube_stepnft"
+    """Output folder: resolved config, metrics (JSONL + TensorBoard), checkpoints, report, plot."""
+    data_dir: str = "data"
+    """Folder for demonstrations and the SFT checkpoint shared between runs."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
+        fs = self.nft.fixed_step()
+        _require(fs is None or fs < self.policy.num_steps, "nft.step",
+                 f"fixed solver index must be < policy.num_steps={self.policy.num_steps}")
+        _require(self.nft.steps_per_call <= self.policy.num_steps, "nft.steps_per_call",
+                 f"must be <= policy.num_steps={self.policy.num_steps}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with strict checking
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check/coerce ``value`` against annotation ``tp``. Returns (ok, coerced value)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return True, None
+            if arg is not type(None):
+                ok, v = _type_ok(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, value
+        out = []
+        for v, a in zip(value, args):
+            ok, cv = _type_ok(v, a)
+            if not ok:
+                return False, value
+            out.append(cv)
+        return True, tuple(out)
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def config_from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid name), wrong type, or a value ``__post_init__`` rejects.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = config_from_dict(tp, value, prefix=f"{full}.")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{full}': expected {_type_name(tp)}, got {value!r} "
+                              f"({type(value).__name__}); fix the value in the YAML or the override")
+        kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"config section '{prefix or '<root>'}': {e}") from e
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples as lists), suitable for YAML/JSON."""
+    def conv(x: Any) -> Any:
+        if dataclasses.is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, tuple):
+            return [conv(v) for v in x]
+        return x
+    return conv(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to a nested dict, in place.
+
+    Raises:
+        ConfigError: an override without ``=``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.iterations=10)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a config section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an :class:`ExperimentConfig` from YAML (None = built-in defaults) plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: file missing, not a YAML mapping, or any invalid key/value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass one of configs/*.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    return config_from_dict(ExperimentConfig, data)

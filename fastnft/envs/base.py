@@ -1,0 +1,179 @@
+"""One batched torch API for every simulator: ``[N, obs_dim]`` observations, per-step actions ``[N, act_dim]``,
+and chunked execution with episode-done masks and ``success_once`` bookkeeping (SPEC S4).
+
+Episode semantics (all adapters): an episode ends at its first success or after ``max_episode_steps`` env steps.
+After an env's episode ended, further actions for it are ignored (the adapter may still step it internally) and
+its ``done`` / ``success_once`` flags stay latched until the next :meth:`VectorEnv.reset`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fastnft.config import EnvConfig
+
+__all__ = ["StepResult", "ChunkResult", "VectorEnv", "make_env"]
+
+
+@dataclass
+class StepResult:
+    """One env step of all N envs.
+
+    Attributes:
+        obs: ``[N, obs_dim]`` float32 observation after the step.
+        reward: ``[N]`` float32 env reward (not used by StepNFT's labels; logged).
+        success: ``[N]`` bool, task solved at this step.
+        done: ``[N]`` bool, episode over (success, or time limit reached).
+    """
+
+    obs: Tensor
+    reward: Tensor
+    success: Tensor
+    done: Tensor
+
+
+@dataclass
+class ChunkResult:
+    """Result of executing one action chunk ``[N, C, act_dim]`` step by step.
+
+    Attributes:
+        obs: ``[N, obs_dim]`` observation after the chunk (stale for envs whose episode ended).
+        reward: ``[N]`` float32 summed reward over the steps the env was active.
+        steps: ``[N]`` int64 env steps actually executed (<= C).
+        done: ``[N]`` bool, episode over (latched).
+        success_once: ``[N]`` bool, success at any step of the episode so far (latched).
+    """
+
+    obs: Tensor
+    reward: Tensor
+    steps: Tensor
+    done: Tensor
+    success_once: Tensor
+
+
+class VectorEnv(ABC):
+    """N environments stepped in lockstep, on CPU tensors (float32 observations).
+
+    Subclasses implement :meth:`_reset` and :meth:`_step`; this base class keeps the episode bookkeeping so all
+    adapters agree on it.
+    """
+
+    num_envs: int
+    obs_dim: int
+    act_dim: int
+    max_episode_steps: int
+    action_low: Tensor  # [act_dim] float32
+    action_high: Tensor  # [act_dim] float32
+
+    def __init__(self) -> None:
+        self._elapsed: Tensor | None = None
+        self._done: Tensor | None = None
+        self._success_once: Tensor | None = None
+        self._obs: Tensor | None = None
+
+    # -- to implement ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def _reset(self, seeds: list[int]) -> Tensor:
+        """Reset all N envs with the given seeds; return ``[N, obs_dim]`` float32."""
+
+    @abstractmethod
+    def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Step all N envs with ``[N, act_dim]`` float32 actions; return obs ``[N, obs_dim]``, reward ``[N]``,
+        success ``[N]`` bool. Called only while at least one env is active."""
+
+    def close(self) -> None:
+        """Release simulator resources (subprocesses, GPU scenes)."""
+
+    # -- shared bookkeeping ----------------------------------------------------------------------------------
+    def reset(self, seeds: list[int]) -> Tensor:
+        """Start N new episodes, one per seed (``len(seeds) == num_envs``). Returns ``[N, obs_dim]`` float32.
+
+        Raises:
+            ValueError: wrong number of seeds.
+        """
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"reset needs one seed per env: got {len(seeds)} seeds for {self.num_envs} envs")
+        obs = self._reset([int(s) for s in seeds]).float()
+        n = self.num_envs
+        self._elapsed = torch.zeros(n, dtype=torch.long)
+        self._done = torch.zeros(n, dtype=torch.bool)
+        self._success_once = torch.zeros(n, dtype=torch.bool)
+        self._obs = obs
+        return obs
+
+    @property
+    def done(self) -> Tensor:
+        """``[N]`` bool: episode over (latched until reset)."""
+        assert self._done is not None, "call reset() first"
+        return self._done
+
+    @property
+    def success_once(self) -> Tensor:
+        """``[N]`` bool: success at any step of the current episode."""
+        assert self._success_once is not None, "call reset() first"
+        return self._success_once
+
+    def step(self, actions: Tensor) -> StepResult:
+        """Step all envs once with ``[N, act_dim]`` actions (clipped to the action bounds); ended envs ignore theirs.
+
+        Raises:
+            ValueError: wrong action shape.
+            RuntimeError: called before :meth:`reset`.
+        """
+        if self._done is None:
+            raise RuntimeError("VectorEnv.step called before reset(seeds)")
+        if actions.shape != (self.num_envs, self.act_dim):
+            raise ValueError(f"actions must be [{self.num_envs}, {self.act_dim}], got {tuple(actions.shape)}")
+        act = torch.maximum(torch.minimum(actions.detach().float().cpu(), self.action_high), self.action_low)
+        active = ~self._done
+        obs, reward, success = self._step(act)
+        obs = obs.float()
+        success = success.bool() & active
+        self._elapsed += active.long()
+        self._success_once |= success
+        newly_done = active & (success | (self._elapsed >= self.max_episode_steps))
+        self._done |= newly_done
+        # Keep the last real observation of ended envs rather than whatever the simulator returns after the end.
+        self._obs = torch.where(active.view(-1, 1), obs, self._obs)
+        return StepResult(obs=self._obs.clone(), reward=torch.where(active, reward.float(), 0.0),
+                          success=success, done=self._done.clone())
+
+    def step_chunk(self, actions: Tensor) -> ChunkResult:
+        """Execute an action chunk ``[N, C, act_dim]`` one step at a time (stops early once every env is done)."""
+        if actions.dim() != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != self.act_dim:
+            raise ValueError(f"chunk must be [{self.num_envs}, C, {self.act_dim}], got {tuple(actions.shape)}")
+        total = torch.zeros(self.num_envs)
+        steps = torch.zeros(self.num_envs, dtype=torch.long)
+        for c in range(actions.shape[1]):
+            if bool(self.done.all()):
+                break
+            active = ~self.done
+            res = self.step(actions[:, c])
+            total += res.reward
+            steps += active.long()
+        assert self._obs is not None
+        return ChunkResult(obs=self._obs.clone(), reward=total, steps=steps, done=self.done.clone(),
+                           success_once=self.success_once.clone())
+
+
+def make_env(cfg: "EnvConfig", num_envs: int | None = None) -> VectorEnv:
+    """Build the vector env named by ``cfg.task`` (``bandit`` or a ManiSkill3 env id).
+
+    Raises:
+        ValueError: unknown task name (the message lists the known ones).
+        RuntimeError: the simulator cannot start (e.g. no Vulkan device for SAPIEN; the message says how to fix it).
+    """
+    n = cfg.num_envs if num_envs is None else num_envs
+    if cfg.task == "bandit":
+        from fastnft.envs.bandit import BanditEnv
+
+        return BanditEnv(num_envs=n)
+    from fastnft.envs.maniskill import ManiSkillVectorEnv
+
+    return ManiSkillVectorEnv(cfg, num_envs=n)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything fastnft needs on a fresh Debian 12 / Python 3.10+ machine, idempotently.
+#   bash scripts/install.sh          # system packages (Vulkan for SAPIEN) + Python packages
+# Order matters: torch first and pinned (constraints.txt), or a bare `torch` requirement pulls CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# SAPIEN (ManiSkill3's renderer) needs a Vulkan device even for state observations. Without a GPU that is
+# Mesa's software rasteriser lavapipe, which needs Mesa >= 24.3 (VK_KHR_external_semaphore_fd); Debian 12 ships 22.3.
+need_vulkan() { ! ldconfig -p | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; }
+if need_vulkan; then
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+  if grep -q bookworm /etc/os-release 2>/dev/null && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/fastnft-backports.list >/dev/null
+  fi
+  $SUDO apt-get update -qq
+  if grep -q bookworm /etc/os-release 2>/dev/null; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null
+  else
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+  fi
+fi
+
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0"
+fi
+# -c keeps torch/numpy where they are; -e so that configs/ and the console script point at this checkout.
+$PY -m pip install -q -c constraints.txt -e ".[dev]"
+$PY -c "import torch, numpy, mani_skill, deepspeed, triton; print('fastnft install ok: torch', torch.__version__, 'numpy', numpy.__version__, 'mani_skill', mani_skill.__version__, 'deepspeed', deepspeed.__version__, 'triton', triton.__version__)"
