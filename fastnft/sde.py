@@ -144,6 +144,8 @@ class SampleRecord:
         v_old: ``[N, H, D]`` velocity the sampling policy produced at that step (stored, never recomputed).
         x_next: ``[N, H, D]`` the next sampler state ``x_{t_{i+1}}``.
         step: ``[N]`` int64 recorded solver index ``i`` in ``0..K-1``.
+        states: ``[N, K+1, H, D]`` every solver state (only with ``keep_trajectory``), else None.
+        velocities: ``[N, K, H, D]`` every velocity (only with ``keep_trajectory``), else None.
     """
 
     actions: Tensor
@@ -151,6 +153,8 @@ class SampleRecord:
     v_old: Tensor
     x_next: Tensor
     step: Tensor
+    states: Tensor | None = None
+    velocities: Tensor | None = None
 
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -159,7 +163,7 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 @torch.no_grad()
 def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
                    step_index: Tensor | None = None, generator: torch.Generator | None = None,
-                   step_fn: StepFn | None = None) -> SampleRecord:
+                   step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
     """Run the K-step sampler from ``noise`` (t = 1) to an action chunk (t = 0), recording S3's tuple.
 
     The loop has a fixed trip count K and selects the recorded step with ``torch.where`` (no data-dependent
@@ -173,6 +177,7 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
         step_index: ``[N]`` int64 solver index to record (S3); drawn ``U{0..K-1}`` from ``generator`` when None.
         generator: RNG for the step index and the SDE noise.
         step_fn: implementation of the SDE step; defaults to the reference :func:`sde_step`.
+        keep_trajectory: also return all K+1 states and K velocities (to store several solver steps per call).
 
     Returns:
         :class:`SampleRecord`.
@@ -195,6 +200,7 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
     rec_v = torch.zeros_like(noise)
     rec_next = torch.zeros_like(noise)
     ones = torch.ones(N, device=noise.device, dtype=noise.dtype)
+    states, vels = [noise], []
     for i in range(K):
         v = velocity_fn(x, sch.t[i] * ones)
         if stochastic:
@@ -205,5 +211,10 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
         rec_x = torch.where(hit, x, rec_x)
         rec_v = torch.where(hit, v, rec_v)
         rec_next = torch.where(hit, x_new, rec_next)
+        if keep_trajectory:
+            states.append(x_new)
+            vels.append(v)
         x = x_new
-    return SampleRecord(actions=x, x_t=rec_x, v_old=rec_v, x_next=rec_next, step=step_index)
+    traj = (torch.stack(states, 1), torch.stack(vels, 1)) if keep_trajectory else (None, None)
+    return SampleRecord(actions=x, x_t=rec_x, v_old=rec_v, x_next=rec_next, step=step_index,
+                        states=traj[0], velocities=traj[1])

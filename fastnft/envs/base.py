@@ -173,7 +173,7 @@ def make_env(cfg: "EnvConfig", num_envs: int | None = None) -> VectorEnv:
     if cfg.task == "bandit":
         from fastnft.envs.bandit import BanditEnv
 
-        return BanditEnv(num_envs=n)
+        return BanditEnv(num_envs=n, chunk=cfg.max_episode_steps)
     from fastnft.envs.maniskill import ManiSkillVectorEnv
 
     return ManiSkillVectorEnv(cfg, num_envs=n)

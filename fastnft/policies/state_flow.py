@@ -1,0 +1,186 @@
+"""State-based flow policy: a small transformer action expert over ``[state token, H action tokens]``.
+
+The action-token input follows pi0: the noisy action ``x_t`` is projected to the width, concatenated with a
+sinusoidal embedding of the flow time ``t`` and mixed by a two-layer swish MLP ("action-time MLP"). The state is
+one extra token. The output head maps each action token back to a velocity ``v = eps - a`` (SPEC notation).
+Actions live in normalised units inside the policy; :meth:`StateFlowPolicy.to_env_actions` maps them back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastnft.config import PolicyConfig
+from fastnft.policies.normalizer import Normalizer
+from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
+
+__all__ = ["StateFlowPolicy", "sinusoidal_time_embedding"]
+
+
+def sinusoidal_time_embedding(t: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
+    """pi0's sine-cosine embedding of the flow time.
+
+    Args:
+        t: ``[N]`` flow time in [0, 1].
+        dim: even embedding width.
+
+    Returns:
+        ``[N, dim]`` float32: ``[sin(2 pi t / p_k), cos(2 pi t / p_k)]`` over geometric periods
+        ``p_k`` from ``min_period`` to ``max_period``.
+    """
+    if dim % 2:
+        raise ValueError(f"time embedding width must be even, got {dim}")
+    frac = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float32)
+    period = min_period * (max_period / min_period) ** frac
+    arg = t.float()[:, None] * (2.0 * math.pi / period)[None, :]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block; attention through PyTorch SDPA (flash-attn is an optional GPU extra)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, s, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(n, s, w)
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class StateFlowPolicy(nn.Module):
+    """Flow-matching action expert conditioned on a low-dimensional state.
+
+    Args:
+        obs_dim: state observation width.
+        act_dim: env action width (<= D).
+        cfg: :class:`PolicyConfig` (horizon H, chunk C, width, depth, heads, K).
+        obs_norm: observation normaliser (``[obs_dim]``); identity when None.
+        act_norm: action normaliser (``[act_dim]``); identity when None.
+
+    Shapes: observations ``[N, obs_dim]``; sampler states and velocities ``[N, H, D]`` (normalised units,
+    D = ``cfg.action_pad`` or ``act_dim``); flow time ``[N]``.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: PolicyConfig, obs_norm: Normalizer | None = None,
+                 act_norm: Normalizer | None = None) -> None:
+        super().__init__()
+        if cfg.action_pad and cfg.action_pad < act_dim:
+            raise ValueError(f"policy.action_pad={cfg.action_pad} is smaller than the env's action dim {act_dim}; "
+                             f"set it to 0 (no padding) or >= {act_dim}")
+        self.cfg = cfg
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.D = cfg.action_pad or act_dim
+        self.H, self.C = cfg.horizon, cfg.chunk
+        w = cfg.width
+        self.obs_norm = obs_norm or Normalizer.identity(obs_dim)
+        self.act_norm = act_norm or Normalizer.identity(act_dim)
+        self.state_in = nn.Sequential(nn.Linear(obs_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.action_in = nn.Linear(self.D, w)
+        self.action_time_mlp = nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, w))
+        self.pos = nn.Parameter(torch.zeros(1, 1 + self.H, w))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(_Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.action_out = nn.Linear(w, self.D)
+
+    # -- network ----------------------------------------------------------------------------------------------
+    def encode(self, obs: Tensor) -> Tensor:
+        """State token: ``[N, obs_dim]`` raw observation -> ``[N, 1, width]``."""
+        return self.state_in(self.obs_norm.normalize(obs.float())).unsqueeze(1)
+
+    def velocity(self, x_t: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
+        """Velocity ``v_theta(x_t, t, ctx)``: ``x_t [N, H, D]``, ``t [N]``, ``ctx [N, 1, width]`` -> ``[N, H, D]``."""
+        n = x_t.shape[0]
+        temb = sinusoidal_time_embedding(t, self.cfg.width).to(x_t.dtype)
+        a = self.action_in(x_t)
+        a = self.action_time_mlp(torch.cat([a, temb[:, None, :].expand(n, self.H, -1)], dim=-1))
+        h = torch.cat([ctx.to(a.dtype), a], dim=1) + self.pos
+        for blk in self.blocks:
+            h = blk(h)
+        return self.action_out(self.norm(h[:, 1:]))
+
+    def forward(self, x_t: Tensor, t: Tensor, obs: Tensor) -> Tensor:
+        """``velocity(x_t, t, encode(obs))``; the module call the engine wraps."""
+        return self.velocity(x_t, t, self.encode(obs))
+
+    # -- actions ------------------------------------------------------------------------------------------------
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        """Env actions ``[..., act_dim]`` -> normalised, zero-padded ``[..., D]``."""
+        a = self.act_norm.normalize(actions.float())
+        if self.D > self.act_dim:
+            a = F.pad(a, (0, self.D - self.act_dim))
+        return a
+
+    def to_env_actions(self, x: Tensor) -> Tensor:
+        """Normalised sampler output ``[..., D]`` -> env actions ``[..., act_dim]``."""
+        return self.act_norm.unnormalize(x[..., : self.act_dim].float())
+
+    @torch.no_grad()
+    def sample(self, obs: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
+               generator: torch.Generator | None = None, step_index: Tensor | None = None,
+               step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
+        """Sample an action chunk for each observation (SPEC S2; S3 tuple recorded).
+
+        Args:
+            obs: ``[N, obs_dim]`` raw observations.
+            schedule: K-step Flow-SDE schedule.
+            stochastic: Flow-SDE (training rollouts) or Euler ODE (evaluation).
+            generator: RNG for the initial noise, the step index and the SDE noise.
+            step_index: ``[N]`` solver index to record; random when None.
+            step_fn: SDE step implementation (reference or fused kernel).
+            keep_trajectory: also return every solver state and velocity (for several records per call).
+
+        Returns:
+            :class:`fastnft.sde.SampleRecord` in normalised units (``actions [N, H, D]``).
+        """
+        ctx = self.encode(obs)
+        noise = torch.randn((obs.shape[0], self.H, self.D), generator=generator, device=obs.device)
+        return sample_actions(lambda x, t: self.velocity(x, t, ctx), noise, schedule, stochastic=stochastic,
+                              step_index=step_index, generator=generator, step_fn=step_fn,
+                              keep_trajectory=keep_trajectory)
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def export(self) -> dict:
+        """Everything needed to rebuild this policy: dims, config, weights (incl. normaliser buffers)."""
+        return {"kind": "state_flow", "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+                "policy_cfg": asdict(self.cfg), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_export(cls, blob: dict, cfg: PolicyConfig | None = None) -> "StateFlowPolicy":
+        """Rebuild from :meth:`export`. ``cfg`` (the current config) must match the saved architecture.
+
+        Raises:
+            ValueError: not a state-flow policy blob, or the architecture differs from ``cfg``.
+        """
+        if not isinstance(blob, dict) or blob.get("kind") != "state_flow":
+            raise ValueError("checkpoint does not hold a state-based flow policy (missing kind='state_flow')")
+        saved = PolicyConfig(**blob["policy_cfg"])
+        if cfg is not None:
+            arch = ("horizon", "chunk", "action_pad", "width", "depth", "heads", "mlp_ratio")
+            diff = [f"policy.{k}: checkpoint {getattr(saved, k)} vs config {getattr(cfg, k)}" for k in arch
+                    if getattr(saved, k) != getattr(cfg, k)]
+            if diff:
+                raise ValueError("checkpoint architecture differs from the config (" + "; ".join(diff) +
+                                 "); use the config the checkpoint was trained with, or retrain SFT")
+        use = cfg or saved
+        obs_dim, act_dim = blob["obs_dim"], blob["act_dim"]
+        pol = cls(obs_dim, act_dim, use, Normalizer.identity(obs_dim), Normalizer.identity(act_dim))
+        pol.load_state_dict(blob["state_dict"])
+        return pol

@@ -1,0 +1,205 @@
+"""Rollouts with the EMA policy: Flow-SDE sampling, chunked env execution, S3 tuples and S4 labels.
+
+One *round* resets all N envs with fresh seeds and runs until every episode is over; each policy call samples one
+action chunk per env and stores, for envs whose episode is still running, the S3 tuple of ``steps_per_call``
+solver steps. When the round ends every stored call of an episode gets that episode's label
+``y = 2 * success - 1`` (S4). Calls made after an env's episode ended are not stored (S4's mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+from fastnft.config import NFTConfig
+from fastnft.envs.base import VectorEnv
+from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.profiling import PhaseTimers
+from fastnft.sde import FlowSDESchedule, StepFn
+
+__all__ = ["RolloutBuffer", "RolloutStats", "run_episodes", "wilson_interval"]
+
+
+@dataclass
+class RolloutBuffer:
+    """Training tuples of one iteration (SPEC S3-S4), M rows, on one device.
+
+    Attributes:
+        obs: ``[M, obs_dim]`` float32 raw observation of the policy call (the context).
+        x_t: ``[M, H, D]`` sampler state at the supervised step.
+        v_old: ``[M, H, D]`` rollout-policy velocity at that step (stored, never recomputed).
+        x_next: ``[M, H, D]`` next sampler state.
+        x0: ``[M, H, D]`` final sample of the call (for ``target = x0``).
+        step: ``[M]`` int64 supervised solver index i.
+        y: ``[M]`` float32 label in [-1, 1].
+        episode: ``[M]`` int64 episode id within the iteration (for diagnostics).
+    """
+
+    obs: Tensor
+    x_t: Tensor
+    v_old: Tensor
+    x_next: Tensor
+    x0: Tensor
+    step: Tensor
+    y: Tensor
+    episode: Tensor
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+    def index(self, idx: Tensor) -> "RolloutBuffer":
+        """Rows ``idx`` (a micro-batch)."""
+        return RolloutBuffer(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "RolloutBuffer":
+        """Copy to ``device``."""
+        return RolloutBuffer(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class RolloutStats:
+    """Counters of one batch of episodes.
+
+    Attributes:
+        episodes: finished episodes.
+        successes: episodes with success at any step.
+        env_steps: env steps executed (active envs only).
+        policy_calls: stored policy calls (active envs only).
+        episode_success: ``[episodes]`` bool per episode, in seed order.
+        episode_steps: ``[episodes]`` int64 env steps per episode.
+        time: seconds per phase (``rollout/sample``, ``env/step``).
+    """
+
+    episodes: int = 0
+    successes: int = 0
+    env_steps: int = 0
+    policy_calls: int = 0
+    episode_success: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    episode_steps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    time: dict = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        """successes / episodes (0 when no episode ran)."""
+        return self.successes / max(self.episodes, 1)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (robust near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator) -> Tensor:
+    """``[n, per_call]`` distinct solver indices per call (S3: uniform, fixed across update epochs)."""
+    if fixed is not None:
+        return torch.full((n, 1), fixed, dtype=torch.long)
+    return torch.rand(n, k, generator=gen).argsort(dim=1)[:, :per_call]
+
+
+@torch.no_grad()
+def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
+                 stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
+                 step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
+                 device: torch.device | str = "cpu") -> tuple[RolloutBuffer | None, RolloutStats]:
+    """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
+
+    Args:
+        policy: the rollout policy (EMA weights); used in eval mode.
+        env: the vector env (reused across calls; reset here).
+        schedule: K-step Flow-SDE schedule; with ``stochastic=False`` the Euler ODE is used (evaluation).
+        seeds: one seed per episode; ``len(seeds)`` need not be a multiple of ``num_envs`` (the last round
+            runs extra envs on repeated seeds and discards them).
+        stochastic: Flow-SDE sampling (training) or deterministic ODE (evaluation, S2c).
+        record: store S3 tuples and S4 labels.
+        generator: RNG (CPU) for noise and step indices.
+        nft: needed when ``record``: ``steps_per_call`` and ``step`` (random / fixed:j).
+        step_fn: SDE step implementation (reference or fused kernel).
+        timers: optional phase timers (``rollout/sample``, ``env/step``).
+        device: device of the policy.
+
+    Returns:
+        ``(buffer or None, stats)``.
+    """
+    if record and nft is None:
+        raise ValueError("run_episodes(record=True) needs the NFT config (steps_per_call, step)")
+    timers = timers or PhaseTimers()
+    was_training = policy.training
+    policy.eval()
+    N, K, C = env.num_envs, schedule.num_steps, policy.C
+    per_call = nft.steps_per_call if nft else 1
+    fixed = nft.fixed_step() if nft else None
+    rows: dict[str, list[Tensor]] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
+    ep_success, ep_steps = [], []
+    stats = RolloutStats()
+    n_rounds = math.ceil(len(seeds) / N)
+    sch = schedule.to(device=device, dtype=torch.float32)
+    for r in range(n_rounds):
+        round_seeds = seeds[r * N:(r + 1) * N]
+        n_real = len(round_seeds)
+        round_seeds = round_seeds + [round_seeds[-1]] * (N - n_real)
+        with timers.range("env/reset"):
+            obs = env.reset(round_seeds)
+        steps = torch.zeros(N, dtype=torch.long)
+        ep_base = r * N
+        max_calls = math.ceil(env.max_episode_steps / C)
+        for _ in range(max_calls):
+            active = ~env.done
+            if not bool(active.any()):
+                break
+            with timers.range("rollout/sample"):
+                obs_d = obs.to(device)
+                step_idx = _choose_steps(N, K, per_call, fixed, generator) if record else None
+                rec = policy.sample(obs_d, sch, stochastic=stochastic, generator=generator,
+                                    step_index=None if step_idx is None else step_idx[:, 0].to(device),
+                                    step_fn=step_fn, keep_trajectory=record and per_call > 1)
+                actions = policy.to_env_actions(rec.actions[:, :C]).cpu()
+            if record:
+                keep = active.clone()
+                keep[n_real:] = False
+                kd = keep.to(device)
+                for j in range(step_idx.shape[1]):
+                    si = step_idx[:, j].to(device)
+                    if per_call > 1:
+                        ar = torch.arange(N, device=device)
+                        x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
+                    else:
+                        x_t, v_old, x_next = rec.x_t, rec.v_old, rec.x_next
+                    rows["obs"].append(obs_d[kd])
+                    rows["x_t"].append(x_t[kd])
+                    rows["v_old"].append(v_old[kd])
+                    rows["x_next"].append(x_next[kd])
+                    rows["x0"].append(rec.actions[kd])
+                    rows["step"].append(si[kd])
+                    rows["episode"].append((ep_base + torch.arange(N, device=device))[kd])
+                stats.policy_calls += int(keep.sum())
+            with timers.range("env/step"):
+                res = env.step_chunk(actions)
+            steps += res.steps
+            obs = res.obs
+        succ = env.success_once[:n_real].clone()
+        ep_success.append(succ)
+        ep_steps.append(steps[:n_real])
+        stats.env_steps += int(steps[:n_real].sum())
+    stats.episode_success = torch.cat(ep_success) if ep_success else stats.episode_success
+    stats.episode_steps = torch.cat(ep_steps) if ep_steps else stats.episode_steps
+    stats.episodes = int(stats.episode_success.numel())
+    stats.successes = int(stats.episode_success.sum())
+    stats.time = timers.summary(reset=False)
+    policy.train(was_training)
+    if not record:
+        return None, stats
+    if not rows["step"]:
+        raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
+    buf = {k: torch.cat(v) for k, v in rows.items()}
+    labels = (2.0 * stats.episode_success.float() - 1.0).to(device)  # S4
+    y = labels[buf["episode"]]
+    return RolloutBuffer(y=y, **buf), stats
