@@ -1,0 +1,148 @@
+"""Small torch.distributed helpers that work with and without an initialised process group.
+
+Without a process group every helper acts as the single process of a world of size 1 (``rank() == 0``,
+``barrier()`` does nothing, ``all_reduce_mean(x)`` returns ``x``), so library code calls them unconditionally.
+
+Launch modes handled by :func:`init_distributed`:
+
+* one plain process (``python -m fastnft.train ...``): a gloo (CPU) / nccl (CUDA) group of size 1 is created on
+  ``127.0.0.1`` with a free port;
+* several processes (``deepspeed --num_gpus N --module fastnft.train ...`` or ``torchrun --nproc_per_node N -m
+  fastnft.train ...``): the launcher's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` /
+  ``MASTER_PORT`` are used as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
+           "all_reduce_mean", "broadcast_object", "default_backend", "ensure_extensions_dir"]
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def ensure_extensions_dir() -> str:
+    """Default ``TORCH_EXTENSIONS_DIR`` to ``~/.cache/fastnft/torch_extensions`` (kept if already set).
+
+    DeepSpeed JIT-compiles a small shared-memory communication op when it initialises on CPU (about 20 s the first
+    time); a stable cache folder makes every later start (CI's second test, every rank) reuse the build.
+
+    Returns:
+        The folder in use.
+    """
+    path = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not path:
+        path = str(Path.home() / ".cache" / "fastnft" / "torch_extensions")
+        os.environ["TORCH_EXTENSIONS_DIR"] = path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def is_initialized() -> bool:
+    """True when a default torch.distributed process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group once (idempotent) through ``deepspeed.init_distributed``.
+
+    Args:
+        backend: ``gloo``, ``nccl`` or None (= :func:`default_backend`).
+
+    Returns:
+        ``(rank, world_size)``.
+
+    Raises:
+        RuntimeError: only some of the launcher variables are set (a broken launch); the message names them.
+    """
+    if is_initialized():
+        return rank(), world_size()
+    ensure_extensions_dir()
+    present = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
+    if len(present) == 1:
+        raise RuntimeError(f"only {present[0]} is set in the environment; a distributed launch needs both RANK and "
+                           "WORLD_SIZE. Launch with `deepspeed --num_gpus N --module fastnft.train ...` or "
+                           "`torchrun --nproc_per_node N ...`, or unset it for a single process.")
+    if not present:  # one plain process: a world of size 1 on localhost
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    else:
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            raise RuntimeError("RANK and WORLD_SIZE are set but MASTER_PORT is not; use a launcher "
+                               "(deepspeed / torchrun) that sets it, or set MASTER_PORT yourself.")
+    backend = backend or default_backend()
+    if backend == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    import deepspeed  # heavy import; only when a group is really created
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return rank(), world_size()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def local_rank() -> int:
+    """Rank on this node: ``LOCAL_RANK`` from the launcher, 0 without one."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes checkpoints, logs and reports."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op without a process group or with one rank)."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, in place and returned (any shape; float dtype).
+
+    Raises:
+        TypeError: an integer/bool tensor (the mean would truncate); convert it with ``.float()`` first.
+    """
+    if not tensor.is_floating_point():
+        raise TypeError(f"all_reduce_mean needs a floating tensor, got {tensor.dtype}; call .float() first")
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size())
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (picklable objects; identity without a process group)."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
