@@ -1,0 +1,306 @@
+"""DeepSpeed ZeRO actor engine: the optimiser side of the StepNFT update (DESIGN: "Actor update").
+
+One :meth:`ActorEngine.train_step` = one ``engine.backward(loss); engine.step()`` = one AdamW step on the
+caller's micro-batch (DeepSpeed's gradient accumulation is fixed at 1: the trainer does its own micro-batching).
+Data parallel: each rank computes the loss on its own micro-batch; DeepSpeed averages gradients over ranks,
+clips the global norm to ``train.grad_clip`` and steps AdamW (``train.lr``, ``betas``, ``eps``,
+``weight_decay``) on the parameters with ``requires_grad`` only. ZeRO stage = ``engine.zero_stage`` (0-3).
+
+Launch::
+
+    python -m fastnft.train ...                                   # one process, gloo/nccl group of size 1
+    deepspeed --num_gpus 2 --module fastnft.train ...             # N ranks (GPU)
+    torchrun --nproc_per_node 2 -m fastnft.train ...              # N ranks (also CPU, gloo)
+
+Checkpoints are portable single files: :meth:`ActorEngine.state_dict_for_checkpoint` gathers the full fp32
+trainable weights and the full AdamW moments (``exp_avg``, ``exp_avg_sq``, keyed by parameter name) from the
+ZeRO partitions, so a checkpoint written with ZeRO-2 on 2 ranks resumes under any stage and world size, and
+:mod:`fastnft.engine.checkpoint` can write it atomically as ONE file (a DeepSpeed checkpoint directory holds one
+file per rank, which makes an atomic "all or nothing" write and a world-size change much harder).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastnft.config import EngineConfig, TrainConfig
+from fastnft.engine import dist as fdist
+
+__all__ = ["ActorEngine", "build_ds_config"]
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, world_size: int,
+                    use_cuda: bool) -> dict[str, Any]:
+    """DeepSpeed config dict for the actor (see configs/deepspeed_zero2.json for the same as a file).
+
+    Raises:
+        ValueError: ``engine.dtype=bfloat16`` without CUDA.
+    """
+    if engine_cfg.dtype == "bfloat16" and not use_cuda:
+        raise ValueError("engine.dtype=bfloat16 needs a CUDA device; set engine.dtype=float32 to train on CPU")
+    zero: dict[str, Any] = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=use_cuda, reduce_scatter=True)
+    if engine_cfg.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # nominal: the trainer feeds its own micro-batches
+        "gradient_accumulation_steps": 1,  # one backward+step pair = one optimizer step
+        "train_batch_size": world_size,
+        "gradient_clipping": float(train_cfg.grad_clip),
+        "bf16": {"enabled": engine_cfg.dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: no 40 s fused-Adam op build
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _z3_set_full(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Write this rank's slice of a full fp32 ``value`` into a ZeRO-3 parameter's fp32 partition (``key=None``)
+    or optimizer state ``key``.
+
+    ``deepspeed.utils.safe_set_full_*`` cannot do it in deepspeed 0.19 when ``numel`` is not a multiple of the
+    world size (it narrows past the end for the last, padded partition); here the value is zero-padded first.
+    """
+    opt = param._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    n, r = part.numel(), opt._get_param_partition_rank(param)
+    padded = torch.zeros(max(n * (r + 1), value.numel()), dtype=part.dtype, device=part.device)
+    padded[: value.numel()] = value.flatten()
+    part.copy_(padded[r * n:(r + 1) * n])
+
+
+class ActorEngine:
+    """A policy wrapped by ``deepspeed.initialize`` with torch AdamW and ZeRO stage ``engine_cfg.zero_stage``.
+
+    Args:
+        module: the live policy (full, on CPU or already on this rank's device). Only parameters with
+            ``requires_grad`` are optimised. Under ZeRO-3 its parameters become partitioned in place: build
+            the :class:`~fastnft.engine.ema.EMA` before this engine.
+        train_cfg: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``grad_clip``.
+        engine_cfg: ``zero_stage``, ``dtype``.
+        ds_overrides: optional entries merged (top level) into the DeepSpeed config.
+
+    Attributes:
+        engine: the ``deepspeed.DeepSpeedEngine``. module: the wrapped policy (call it / its methods directly).
+        rank, world_size, is_main, device.
+
+    Raises:
+        ValueError: no trainable parameter; bf16 without CUDA.
+    """
+
+    def __init__(self, module: nn.Module, train_cfg: TrainConfig, engine_cfg: EngineConfig,
+                 ds_overrides: dict[str, Any] | None = None) -> None:
+        fdist.init_distributed()
+        import deepspeed
+
+        use_cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", fdist.local_rank()) if use_cuda else torch.device("cpu")
+        self.zero_stage = engine_cfg.zero_stage
+        self._names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if not self._names:
+            raise ValueError("ActorEngine: the module has no parameter with requires_grad=True; nothing to train")
+        module.to(self.device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
+                                      weight_decay=train_cfg.weight_decay)
+        self.ds_config = build_ds_config(train_cfg, engine_cfg, fdist.world_size(), use_cuda)
+        self.ds_config.update(ds_overrides or {})
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                 config=self.ds_config)
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped policy (same object and parameter names as the module passed in)."""
+        return self.engine.module
+
+    @property
+    def rank(self) -> int:
+        return fdist.rank()
+
+    @property
+    def world_size(self) -> int:
+        return fdist.world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return fdist.is_main()
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by :meth:`load_checkpoint_state`)."""
+        return int(self.engine.global_steps)
+
+    def _params(self) -> list[nn.Parameter]:
+        named = dict(self.module.named_parameters())
+        return [named[n] for n in self._names]
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW that holds the (possibly flat, partitioned) state."""
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    # ------------------------------------------------------------------------------------------------------
+    def train_step(self, loss: torch.Tensor) -> dict[str, float]:
+        """Backward ``loss`` (a scalar: the mean over this rank's micro-batch), average gradients over ranks,
+        clip the global norm to ``grad_clip``, one AdamW step.
+
+        Returns:
+            ``{"grad_norm": global gradient norm before clipping (identical on all ranks), "lr": float}``.
+
+        Raises:
+            ValueError: ``loss`` is not a scalar.
+        """
+        if loss.dim() != 0:
+            raise ValueError(f"train_step: loss must be a scalar, got shape {tuple(loss.shape)}; reduce it "
+                             "(mean over this rank's micro-batch) first")
+        self.engine.backward(loss)
+        grad_norm = None
+        if self.zero_stage == 0:  # plain torch optimizer: DeepSpeed does not record the norm
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                                    for g in grads]))) if grads else 0.0
+        self.engine.step()
+        if grad_norm is None:
+            g = self.engine.get_global_grad_norm()
+            grad_norm = float(g) if g is not None else math.nan
+        return {"grad_norm": grad_norm, "lr": float(self.engine.get_lr()[0])}
+
+    # ------------------------------------------------------------------------------------------------------
+    def _full_param(self, p: nn.Parameter) -> torch.Tensor:
+        if self.zero_stage == 0:
+            return p.detach().float()
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+
+    def _full_moment(self, p: nn.Parameter, key: str) -> torch.Tensor | None:
+        if self.zero_stage == 0:
+            st = self._base_optimizer().state.get(p, {})
+            return st[key].detach() if key in st else None
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        try:
+            return safe_get_full_optimizer_state(p, key)
+        except (ValueError, KeyError, AttributeError):  # no optimizer step yet: no state
+            return None
+
+    def _optimizer_step_count(self) -> int:
+        for st in self._base_optimizer().state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        """Full (unpartitioned) trainable weights and AdamW state, as plain containers of CPU tensors.
+
+        Collective: every rank must call it (ZeRO partitions are all-reduced); all ranks get the same dict,
+        rank 0 writes it (:func:`fastnft.engine.checkpoint.save_checkpoint`).
+
+        Returns:
+            ``{"params": {name: fp32 tensor}, "optim": {"step": int, "exp_avg": {name: fp32},
+            "exp_avg_sq": {name: fp32}}, "global_steps": int, "zero_stage": int, "world_size": int}``;
+            the moments are empty dicts before the first step.
+        """
+        params, moments = {}, {k: {} for k in _MOMENTS}
+        for n, p in zip(self._names, self._params()):
+            params[n] = self._full_param(p).detach().cpu().clone()
+            for k in _MOMENTS:
+                m = self._full_moment(p, k)
+                if m is not None:
+                    moments[k][n] = m.detach().float().cpu().clone().reshape(params[n].shape)
+        return {"params": params, "optim": {"step": self._optimizer_step_count(), **moments},
+                "global_steps": self.global_steps, "zero_stage": self.zero_stage, "world_size": self.world_size}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "params" not in state or "optim" not in state:
+            raise ValueError("load_checkpoint_state: expected the dict of state_dict_for_checkpoint() with keys "
+                             "'params' and 'optim'; the checkpoint's 'actor' entry is what belongs here")
+        saved = state["params"]
+        missing = sorted(set(self._names) - set(saved))
+        extra = sorted(set(saved) - set(self._names))
+        if missing or extra:
+            raise ValueError(f"load_checkpoint_state: trainable parameters differ from the checkpoint (missing "
+                             f"{missing[:5]}, unexpected {extra[:5]}); resume with the config the checkpoint was "
+                             "written with, or start a fresh run_dir")
+        for n, p in zip(self._names, self._params()):
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(saved[n].shape) != shape:
+                raise ValueError(f"load_checkpoint_state: '{n}' is {tuple(saved[n].shape)} in the checkpoint but "
+                                 f"{shape} in the model; resume with the matching policy config or start a "
+                                 "fresh run_dir")
+
+    @torch.no_grad()
+    def _init_optimizer_state(self) -> None:
+        """Make AdamW create its (partitioned) state without changing weights: a zero-gradient step at lr 0."""
+        opt = self._base_optimizer()
+        lrs = [g["lr"] for g in opt.param_groups]
+        wds = [g.get("weight_decay", 0.0) for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        from fastnft.engine.ema import _gathered
+
+        params = self._params()
+        with torch.enable_grad(), _gathered(params):  # ZeRO-3: grads must have the full parameter shape
+            zero = sum((p * 0.0).sum() for p in params)
+            self.engine.backward(zero)
+        self.engine.step()
+        for g, lr, wd in zip(opt.param_groups, lrs, wds):
+            g["lr"], g["weight_decay"] = lr, wd
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict_for_checkpoint` output (any ZeRO stage / world size it was written with).
+
+        Collective: every rank must call it with the same ``state``. Weights, AdamW moments and step count
+        and the engine's step counter are restored; the next :meth:`train_step` continues the trajectory.
+
+        Raises:
+            ValueError: wrong structure, different trainable parameter names or shapes (named in the message).
+        """
+        self._check_state(state)
+        optim = state["optim"]
+        has_moments = all(len(optim.get(k, {})) == len(self._names) for k in _MOMENTS)
+        if has_moments and not self._base_optimizer().state:
+            self._init_optimizer_state()
+        params = self._params()
+        from fastnft.engine.ema import _gathered
+
+        with _gathered(params, modifier_rank=0):  # ZeRO-3: write the full low-precision copy, re-partitioned
+            for n, p in zip(self._names, params):
+                p.copy_(state["params"][n].to(device=p.device, dtype=p.dtype))
+        if self.zero_stage > 0:
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            for n, p in zip(self._names, params):
+                keys = (None, *_MOMENTS) if has_moments else (None,)
+                for k in keys:
+                    value = (state["params"][n] if k is None else optim[k][n]).to(self.device, torch.float32)
+                    if self.zero_stage == 3:
+                        _z3_set_full(p, value, k)
+                    elif k is None:
+                        safe_set_full_fp32_param(p, value)
+                    else:
+                        safe_set_full_optimizer_state(p, value, k)
+        elif has_moments:
+            opt_state = self._base_optimizer().state
+            for n, p in zip(self._names, params):
+                for k in _MOMENTS:
+                    opt_state[p][k].copy_(optim[k][n].to(p.device, opt_state[p][k].dtype))
+        if has_moments:
+            for st in self._base_optimizer().state.values():
+                if "step" in st:
+                    st["step"] = torch.as_tensor(float(optim["step"]), dtype=st["step"].dtype,
+                                                 device=st["step"].device) if torch.is_tensor(st["step"]) \
+                        else int(optim["step"])
+        self.engine.global_steps = int(state.get("global_steps", 0))
+        self.engine.global_samples = self.engine.global_steps * self.engine.train_batch_size()
