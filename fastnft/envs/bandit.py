@@ -63,3 +63,23 @@ class BanditEnv(VectorEnv):
         else:
             hit = torch.zeros(self.num_envs, dtype=torch.bool)
         return self._ctx.clone(), hit.float(), hit
+
+
+def bandit_demo_dataset(num: int, chunk: int, seed: int = 0, offset_std: float = 0.6, obs_dim: int = 4,
+                        act_dim: int = 2):
+    """Synthetic demonstrations for the bandit: chunk dim 0 = ``tanh(c_0) + offset`` with one offset
+    ``~ N(0, offset_std^2)`` shared by the chunk (so an SFT policy lands in the radius ~40 % of the time), other
+    dims ``N(0, 0.3^2)``.
+
+    Returns:
+        :class:`fastnft.sft.ChunkDataset` with ``num`` chunks ``[num, chunk, act_dim]`` and no padding.
+    """
+    from fastnft.sft import ChunkDataset
+
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(num, obs_dim, generator=g)
+    off = offset_std * torch.randn(num, 1, generator=g)
+    a0 = (bandit_target(obs)[:, None] + off).expand(num, chunk)
+    rest = 0.3 * torch.randn(num, chunk, act_dim - 1, generator=g)
+    actions = torch.cat([a0[..., None], rest], dim=-1)
+    return ChunkDataset(obs=obs, actions=actions, is_pad=torch.zeros(num, chunk, dtype=torch.bool))

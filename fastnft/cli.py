@@ -1,0 +1,150 @@
+"""``fastnft`` command line: demos | sft | train | eval | pipeline.
+
+    fastnft pipeline --config configs/pickcube_stepnft.yaml      # the main job, end to end
+    fastnft demos --config configs/pickcube_stepnft.yaml         # motion-planned demonstrations
+    fastnft sft --config configs/pickcube_stepnft.yaml           # few-shot flow-matching SFT
+    fastnft train --config configs/pickcube_stepnft.yaml [--resume] [--dry-run]
+    fastnft eval --config configs/pickcube_stepnft.yaml --policy data/sft/....pt
+
+Every command takes ``--set section.key=value`` overrides. Errors in the input (config, checkpoint, flags, missing
+simulator) exit with status 2 and one message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Iterator
+
+__all__ = ["main", "friendly_errors"]
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn input errors into ``error: <message>`` on stderr and exit status 2 (``FASTNFT_DEBUG=1`` re-raises)."""
+    from fastnft.config import ConfigError
+    from fastnft.engine.checkpoint import CheckpointError
+    from fastnft.workflow import PolicyFileError
+
+    try:
+        yield
+    except (ConfigError, CheckpointError, PolicyFileError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if os.environ.get("FASTNFT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(set FASTNFT_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.iterations=10 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _cmd_demos(args: argparse.Namespace) -> None:
+    from fastnft.config import load_config
+    from fastnft.demos import generate_demos
+    from fastnft.workflow import demo_path
+
+    cfg = load_config(args.config, args.overrides)
+    path = generate_demos(cfg, demo_path(cfg), num_demos=cfg.demos.num_demos)
+    print(f"demonstrations: {path}")
+
+
+def _cmd_sft(args: argparse.Namespace) -> None:
+    from fastnft.config import load_config
+    from fastnft.workflow import run_sft_stage
+
+    cfg = load_config(args.config, args.overrides)
+    path, meta = run_sft_stage(cfg, force=args.force, progress=not args.no_progress)
+    print(f"SFT policy: {path} ({meta.get('num_samples')} samples from {meta.get('num_demos')} demos, "
+          f"{meta.get('sft_seconds', 0):.0f} s)")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from fastnft.train import run_train
+
+    out = run_train(args)
+    if out["history"]:
+        h = out["history"]
+        print(f"held-out success {h[0]['success_rate']:.3f} -> {h[-1]['success_rate']:.3f}; run dir {out['run_dir']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from fastnft.config import load_config
+    from fastnft.envs import make_env
+    from fastnft.evaluate import evaluate_policy
+    from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.device)
+    policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
+    policy.to(device)
+    n = args.episodes or cfg.train.eval_episodes
+    env = make_env(cfg.env)
+    try:
+        res = evaluate_policy(policy, env, [cfg.env.eval_seed + j for j in range(n)], cfg.policy.num_steps,
+                              device=device, seed=cfg.train.seed)
+    finally:
+        env.close()
+    print(json.dumps(res))
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> None:
+    from fastnft.config import load_config
+    from fastnft.pipeline import ABLATIONS, run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    abl = list(ABLATIONS) if args.ablations == "all" else [a for a in (args.ablations or "").split(",") if a]
+    for a in abl:
+        if a not in ABLATIONS:
+            raise ValueError(f"unknown ablation {a!r} in --ablations; choose from {', '.join(ABLATIONS)} or 'all'")
+    run_pipeline(cfg, ablations=abl, resume=args.resume, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastnft`` argument parser."""
+    from fastnft.train import add_train_args
+
+    p = argparse.ArgumentParser(prog="fastnft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demos", help="generate motion-planned demonstrations")
+    _common(d)
+    d.set_defaults(func=_cmd_demos)
+    s = sub.add_parser("sft", help="few-shot supervised flow-matching initialisation")
+    _common(s)
+    s.add_argument("--force", action="store_true", help="retrain even if a matching SFT policy exists")
+    s.set_defaults(func=_cmd_sft)
+    t = sub.add_parser("train", help="π-StepNFT online fine-tuning")
+    add_train_args(t)
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("eval", help="held-out success rate of a policy file (ODE sampling)")
+    _common(e)
+    e.add_argument("--policy", default=None, help="policy file (default: the config's SFT policy)")
+    e.add_argument("--episodes", type=int, default=None, help="held-out episodes (default train.eval_episodes)")
+    e.set_defaults(func=_cmd_eval)
+    pl = sub.add_parser("pipeline", help="demos -> SFT -> StepNFT -> evaluation -> report")
+    _common(pl)
+    pl.add_argument("--ablations", default="", help="comma-separated S8 variants (wmse, positive_only, "
+                    "negative_only, ode_rollouts) or 'all', each from the same SFT start")
+    pl.add_argument("--resume", action="store_true", help="resume each training run from its checkpoint")
+    pl.set_defaults(func=_cmd_pipeline)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastnft`` console script."""
+    args = build_parser().parse_args(argv)
+    with friendly_errors():
+        args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

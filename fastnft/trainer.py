@@ -1,0 +1,197 @@
+"""The π-StepNFT training loop: EMA rollouts (S2-S4), actor updates (S5-S8), EMA update (S9), evaluation,
+metrics and atomic checkpoints. ``fastnft/train.py`` only parses, builds and calls :meth:`StepNFTTrainer.train`.
+
+Per iteration (DESIGN.md's data path): rollout with the EMA policy -> labels -> ``update_epochs`` passes of
+shuffled micro-batches through the DeepSpeed actor engine -> ``theta_ema = d * theta_ema + (1 - d) * theta``.
+Several ranks (``deepspeed``/``torchrun``) each run their own envs on disjoint seeds; gradients are averaged by
+the engine, so the actor and the EMA copy stay identical across ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from tqdm.auto import tqdm
+
+from fastnft.config import ExperimentConfig, config_to_dict
+from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save_checkpoint
+from fastnft.engine import dist as fdist
+from fastnft.envs.base import VectorEnv
+from fastnft.kernels import get_sde_step, get_stepnft_loss
+from fastnft.metrics import MetricsWriter
+from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.profiling import PhaseTimers
+from fastnft.evaluate import all_reduce, evaluate_policy
+from fastnft.rollout import run_episodes
+from fastnft.sde import flow_sde_schedule
+from fastnft.update import loss_diagnostics, update_actor
+
+__all__ = ["StepNFTTrainer"]
+
+
+class StepNFTTrainer:
+    """Online π-StepNFT fine-tuning of a flow policy.
+
+    Args:
+        cfg: the experiment config.
+        policy: the initial policy (the SFT checkpoint); its weights become the actor and the EMA rollout policy.
+        env: this rank's vector env, reused for rollouts and evaluation.
+        resume: continue from ``cfg.run_dir``'s latest checkpoint (a fresh start when there is none).
+        progress: show a tqdm bar on rank 0.
+
+    Raises:
+        fastnft.engine.CheckpointError: ``resume`` and the latest checkpoint belongs to another config.
+        ValueError: training seeds would overlap the held-out evaluation seeds.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, policy: StateFlowPolicy, env: VectorEnv, *, resume: bool = False,
+                 progress: bool = True) -> None:
+        from fastnft.engine import ActorEngine
+
+        self.cfg, self.env, self.progress = cfg, env, progress
+        self.run_dir = Path(cfg.run_dir)
+        self.ema = EMA(policy)  # before the engine: ZeRO-3 partitions the live parameters
+        self.engine = ActorEngine(policy, cfg.train, cfg.engine)
+        self.device = self.engine.device
+        self.ema.module.to(self.device)
+        self.rank, self.world = self.engine.rank, self.engine.world_size
+        self.C = policy.C
+        K = cfg.policy.num_steps
+        noise = cfg.nft.noise_level if cfg.nft.rollout == "sde" else 0.0
+        self.rollout_sch = flow_sde_schedule(K, noise).to(device=self.device, dtype=torch.float32)
+        self.loss_fn = get_stepnft_loss(cfg.engine.kernels, self.device)
+        self.step_fn = get_sde_step(cfg.engine.kernels, self.device)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
+        self.fingerprint = config_fingerprint(cfg)
+        self.history: list[dict[str, float]] = []
+        self.start_iter = 0
+        last_train_seed = cfg.env.train_seed + cfg.train.iterations * self.world * cfg.train.episodes_per_iter
+        if last_train_seed > cfg.env.eval_seed:
+            raise ValueError(f"training seeds reach {last_train_seed} > env.eval_seed={cfg.env.eval_seed}: held-out "
+                             "evaluation seeds would be trained on; raise env.eval_seed")
+        if self.engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = load_latest(self.run_dir, fingerprint=self.fingerprint, required_keys=("actor", "ema", "rng"))
+        if found is None:
+            return
+        it, state = found
+        self.engine.load_checkpoint_state(state["actor"])
+        self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        self.history = list(state.get("history", []))
+        self.start_iter = it
+        self.metrics.truncate_after(it)
+
+    def _save(self, it: int) -> None:
+        actor = self.engine.state_dict_for_checkpoint()  # collective
+        rng = [self.gen.get_state()]
+        if fdist.world_size() > 1:
+            gathered: list[Any] = [None] * fdist.world_size()
+            tdist.all_gather_object(gathered, self.gen.get_state())
+            rng = gathered
+        save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
+                                           "history": self.history, "config": config_to_dict(self.cfg)},
+                        fingerprint=self.fingerprint)
+
+    # -- seeds ----------------------------------------------------------------------------------------------------
+    def train_seeds(self, it: int) -> list[int]:
+        """This rank's episode seeds of iteration ``it`` (disjoint across ranks and iterations)."""
+        E = self.cfg.train.episodes_per_iter
+        base = self.cfg.env.train_seed + (it * self.world + self.rank) * E
+        return list(range(base, base + E))
+
+    def eval_seeds(self) -> list[int]:
+        """This rank's share of the held-out evaluation seeds."""
+        n = self.cfg.train.eval_episodes
+        return [self.cfg.env.eval_seed + j for j in range(n) if j % self.world == self.rank]
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out success rate of the EMA policy (the policy that would be deployed)."""
+        return evaluate_policy(self.ema.module, self.env, self.eval_seeds(), self.cfg.policy.num_steps,
+                               device=self.device, seed=self.cfg.train.seed)
+
+    # -- one iteration ----------------------------------------------------------------------------------------------
+    def iteration(self, it: int) -> dict[str, float]:
+        """Rollout, update epochs, EMA update. Returns the iteration's metrics."""
+        cfg = self.cfg
+        timers = PhaseTimers()
+        t0 = time.perf_counter()
+        buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
+                               record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
+                               device=self.device)
+        t_roll = time.perf_counter() - t0
+        assert buf is not None
+        # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
+        m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
+        if int(m) < len(buf):
+            buf = buf.index(torch.randperm(len(buf), generator=self.gen)[: int(m)].to(buf.step.device))
+        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/")
+        with timers.range("actor/update"):
+            upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
+                               update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
+                               loss_fn=self.loss_fn, generator=self.gen, world_size=self.world)
+        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/")
+        T = cfg.train.ema_horizon or cfg.train.iterations
+        decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)
+        with timers.range("actor/ema"):
+            self.ema.update(self.engine.module, decay)
+        counts = all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
+                                           int((buf.y > 0).sum())], dtype=torch.float64),
+                             tdist.ReduceOp.SUM if tdist.is_available() else None)
+        succ, eps, env_steps, rows, pos = counts.tolist()
+        tm = timers.summary()
+        out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
+               "labels/positive_share": pos / max(rows, 1), "ema/decay": decay,
+               "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/iteration_s": time.perf_counter() - t0,
+               **fresh, **replay, **upd, **tm}
+        pol_t = tm.get("time/rollout/sample", 0.0)
+        out["perf/policy_share_of_rollout"] = pol_t / max(t_roll, 1e-9)
+        return out
+
+    # -- loop ------------------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        """Run iterations ``start_iter .. iterations-1`` with periodic evaluation and checkpoints.
+
+        Returns:
+            The evaluation history: ``[{"iteration", "success_rate", "ci_low", "ci_high", ...}]`` (iteration 0 is
+            the initial policy).
+        """
+        cfg = self.cfg.train
+        if self.start_iter == 0 and not self.history:
+            ev = self.evaluate()
+            self.history.append({"iteration": 0, **ev})
+            self.metrics.log(0, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
+        bar = tqdm(range(self.start_iter, cfg.iterations), desc="stepnft", initial=self.start_iter,
+                   total=cfg.iterations, disable=not (self.progress and self.engine.is_main), mininterval=1.0)
+        for it in bar:
+            m = self.iteration(it)
+            done = it + 1
+            self.metrics.log(done, m)
+            last = done == cfg.iterations
+            postfix = {"roll": f"{m['rollout/success_rate']:.2f}", "pos": f"{m['labels/positive_share']:.2f}"}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+                ev = self.evaluate()
+                self.history.append({"iteration": done, **ev})
+                self.metrics.log(done, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
+                postfix["eval"] = f"{ev['success_rate']:.2f}"
+            bar.set_postfix(postfix)
+            if done % cfg.checkpoint_every == 0 or last:
+                self._save(done)
+        self.metrics.close()
+        return self.history
+
+    @property
+    def policy(self) -> StateFlowPolicy:
+        """The EMA rollout policy (what evaluation and deployment use)."""
+        return self.ema.module  # type: ignore[return-value]
+
