@@ -22,9 +22,21 @@ __all__ = ["INTERPRETED", "fused_sde_step", "ode_step", "philox_seed", "sde_step
 
 
 @triton.jit
+def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
+    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16 (interpreter
+    # + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's rounding.
+    if RTNE_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (keep NaN)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, z, numel, row_len, s_a, s_b, s_std,
               a_val, b_val, std_val,
-              CDTYPE: tl.constexpr, NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr):
+              CDTYPE: tl.constexpr, NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr,
+              RTNE_BF16: tl.constexpr):
     ok = e < numel
     if SCALAR_COEF:
         a = a_val
@@ -42,7 +54,7 @@ def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, z, numel, 
         if HAS_Z:
             z = tl.load(z_ptr + e, mask=ok, other=0.0).to(CDTYPE)
         out += sd * z.to(CDTYPE)  # S2b
-    tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=ok)
+    _store(out_ptr + e, out, ok, RTNE_BF16)
 
 
 @triton.jit
@@ -53,7 +65,7 @@ def _sde_step_kernel(
     numel, row_len, quarter, offset, s_a, s_b, s_std,
     a_val, b_val, std_val,  # scalar coefficients (SCALAR_COEF)
     CDTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr,
+    NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # Philox counters, each serves 4 elements
     if NOISE and not HAS_Z:
@@ -65,13 +77,13 @@ def _sde_step_kernel(
         z2 = z0
         z3 = z0
     _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i, z0, numel, row_len, s_a, s_b, s_std,
-              a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF)
+              a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
     _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + quarter, z1, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF)
+              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
     _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 2 * quarter, z2, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF)
+              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
     _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, z3, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF)
+              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
 
 
 INTERPRETED: bool = type(_sde_step_kernel).__name__ == "InterpretedFunction"
@@ -165,7 +177,8 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
         numel, numel // N, quarter, int(offset), *strides,
         a_val, b_val, std_val,
         CDTYPE=tl.float64 if cdt == torch.float64 else tl.float32, BLOCK=block,
-        NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, num_warps=4,
+        NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, RTNE_BF16=INTERPRETED and x_t.dtype == torch.bfloat16,
+        num_warps=4,
     )
     return out
 

@@ -54,6 +54,17 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
+    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16 (interpreter
+    # + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's rounding.
+    if RTNE_BF16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (keep NaN)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _stepnft_fwd_kernel(
     vt_ptr, vo_ptr, xt_ptr, xn_ptr,  # [N, C, D], last dim contiguous, strides (s_n, s_c, 1)
     a_ptr, b_ptr, std_ptr, y_ptr, m_ptr,  # [N] contiguous (b_ptr holds t for target x0; m_ptr uint8)
@@ -65,7 +76,7 @@ def _stepnft_fwd_kernel(
     CDTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     CLIP: tl.constexpr, WMSE: tl.constexpr, POS: tl.constexpr, NEG: tl.constexpr, X0: tl.constexpr,
-    HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -150,7 +161,7 @@ def _stepnft_fwd_kernel(
         coef_r = m * f_u * s
         coef_dv = m * (2.0 * f_w * s * s + (f_u * g + 2.0 * f_w * s * q) * ds_over_norm + 2.0 * kl_coef / D)
         grad = coef_r[:, None] * r + coef_dv[:, None] * dv
-        tl.store(grad_ptr + rows[:, None] * D + col, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+        _store(grad_ptr + rows[:, None] * D + col, grad, ok, RTNE_BF16)
 
 
 @triton.jit
@@ -169,13 +180,14 @@ def _finish_kernel(part_ptr, loss_ptr, inv_ptr, P, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scale_kernel(g_ptr, out_ptr, go_ptr, inv_ptr, numel, CDTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_kernel(g_ptr, out_ptr, go_ptr, inv_ptr, numel, CDTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                  RTNE_BF16: tl.constexpr):
     # out = g * (grad_out * inv): the whole backward of the fused loss.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     scale = tl.load(go_ptr).to(CDTYPE) * tl.load(inv_ptr).to(CDTYPE)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(CDTYPE)
-    tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    _store(out_ptr + offs, g * scale, ok, RTNE_BF16)
 
 
 INTERPRETED: bool = type(_stepnft_fwd_kernel).__name__ == "InterpretedFunction"
@@ -282,7 +294,7 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         CDTYPE=_TL_DTYPE[cdt], BLOCK_T=block_t, BLOCK_D=block_d,
         CLIP=max_drift is not None, WMSE=loss == "wmse", POS=branches in ("both", "positive"),
         NEG=branches in ("both", "negative"), X0=target == "x0", HAS_MASK=mask is not None,
-        STORE_GRAD=store_grad, num_warps=num_warps,
+        STORE_GRAD=store_grad, RTNE_BF16=INTERPRETED and v_theta.dtype == torch.bfloat16, num_warps=num_warps,
     )
     loss_out = torch.empty((), dtype=cdt, device=dev)
     inv = torch.empty((), dtype=cdt, device=dev)
@@ -296,7 +308,7 @@ def _scale(grad: Tensor, grad_out: Tensor, inv: Tensor) -> Tensor:
     block = (1 << 18) if grad.device.type != "cuda" else 4096
     _scale_kernel[(triton.cdiv(numel, block),)](grad, out, grad_out, inv, numel,
                                                 CDTYPE=_TL_DTYPE[_compute_dtype(grad.dtype)], BLOCK=block,
-                                                num_warps=4)
+                                                RTNE_BF16=INTERPRETED and grad.dtype == torch.bfloat16, num_warps=4)
     return out
 
 
