@@ -33,11 +33,11 @@ def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, z, numel, row_len, s_a, s_b, s_std,
+def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, live, z, numel, row_len, s_a, s_b, s_std,
               a_val, b_val, std_val,
               CDTYPE: tl.constexpr, NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr,
               RTNE_BF16: tl.constexpr):
-    ok = e < numel
+    ok = live & (e < numel)
     if SCALAR_COEF:
         a = a_val
         b = b_val
@@ -68,6 +68,7 @@ def _sde_step_kernel(
     NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # Philox counters, each serves 4 elements
+    live = i < quarter  # counters past Q would alias the next quarter's elements
     if NOISE and not HAS_Z:
         seed = tl.load(seed_ptr)
         z0, z1, z2, z3 = tl.randn4x(seed, i.to(tl.int64) + offset)
@@ -76,13 +77,13 @@ def _sde_step_kernel(
         z1 = z0
         z2 = z0
         z3 = z0
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i, z0, numel, row_len, s_a, s_b, s_std,
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i, live, z0, numel, row_len, s_a, s_b, s_std,
               a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + quarter, z1, numel, row_len, s_a, s_b,
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + quarter, live, z1, numel, row_len, s_a, s_b,
               s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 2 * quarter, z2, numel, row_len, s_a, s_b,
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 2 * quarter, live, z2, numel, row_len, s_a, s_b,
               s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, z3, numel, row_len, s_a, s_b,
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, live, z3, numel, row_len, s_a, s_b,
               s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
 
 
@@ -143,7 +144,7 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
     dev = x_t.device
     cdt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     scalar = not any(isinstance(c, Tensor) for c in (A, B, std))
-    noise = not (scalar and float(std) == 0.0)
+    noise = isinstance(std, Tensor) or float(std) != 0.0
     if scalar:
         a_val, b_val, std_val = float(A), float(B), float(std)
         a_t = b_t = s_t = x_t  # dummy pointers
