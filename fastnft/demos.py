@@ -30,16 +30,17 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from fastnft.config import ExperimentConfig
 
-__all__ = ["DemoEpisode", "DemoSet", "DemoError", "demo_file", "generate_demos", "load_demos", "save_demos"]
+__all__ = ["DemoEpisode", "DemoError", "DemoSet", "demo_file", "generate_demos", "load_demos", "save_demos"]
 
 FORMAT_VERSION = 1
 
@@ -140,6 +141,7 @@ def save_demos(demos: DemoSet, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -215,11 +217,11 @@ def _recorder_class() -> type:
             super().__init__(env)
             self.actions: list[np.ndarray] = []
 
-        def reset(self, **kwargs):  # noqa: D102
+        def reset(self, **kwargs):
             self.actions = []
             return self.env.reset(**kwargs)
 
-        def step(self, action):  # noqa: D102
+        def step(self, action):
             a = action.detach().cpu().numpy() if hasattr(action, "detach") else np.asarray(action)
             self.actions.append(np.asarray(a, dtype=np.float32).reshape(-1))
             return self.env.step(action)
@@ -232,10 +234,10 @@ class _Generator:
 
     def __init__(self, task: str, control_mode: str, obs_mode: str, max_episode_steps: int) -> None:
         import gymnasium as gym
-
-        from fastnft.envs.maniskill import _translate_sim_error, check_task, make_single_env
         from mani_skill.examples.motionplanning.panda import solutions
         from mani_skill.trajectory.utils.actions import conversion
+
+        from fastnft.envs.maniskill import _translate_sim_error, check_task, make_single_env
 
         check_task(task)
         if task not in _SOLUTIONS:
@@ -292,14 +294,14 @@ class _Generator:
         return None, f"no success within {self.max_steps} steps (converted length {len(actions)})"
 
 
-def generate_demos(cfg: "ExperimentConfig", out_dir: str | Path, num_demos: int | None = None, *,
+def generate_demos(cfg: ExperimentConfig, out_dir: str | Path, num_demos: int | None = None, *,
                    progress: bool = True) -> Path:
     """Generate ``num_demos`` (default ``cfg.demos.num_demos``) successful demos for ``cfg.env`` into ``out_dir``.
 
     Seeds ``cfg.demos.seed + k`` are tried in order; failures are skipped (logged in the summary). If the file
     (:func:`demo_file`) already exists for the same env / control mode / episode limit / first seed, its episodes
     are kept and only missing ones are generated (nothing at all if it has enough). Shows a tqdm bar and prints
-    timings. Runs in this process (single CPU env; about 0.3 s per demo for PickCube on one core).
+    timings. Runs in this process on one core (PickCube-v1: ~0.8 s per demo, 100 demos in ~80 s, ~1 % of seeds fail).
 
     Returns:
         Path of the ``.npz`` file (format in the module docstring).

@@ -8,7 +8,16 @@ PY=${PYTHON:-python3}
 
 # SAPIEN (ManiSkill3's renderer) needs a Vulkan device even for state observations. Without a GPU that is
 # Mesa's software rasteriser lavapipe, which needs Mesa >= 24.3 (VK_KHR_external_semaphore_fd); Debian 12 ships 22.3.
-need_vulkan() { ! ldconfig -p | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; }
+# A lavapipe older than 24.3 (e.g. Debian 12's own 22.3) counts as missing: SAPIEN fails on it.
+mesa_too_old() {
+  command -v dpkg-query >/dev/null 2>&1 || return 1   # not Debian-like: trust it; the smoke test below tells
+  local v; v=$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null) || return 0
+  ! dpkg --compare-versions "$v" ge 24.3
+}
+need_vulkan() {
+  ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
+    || mesa_too_old
+}
 if need_vulkan; then
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
   if grep -q bookworm /etc/os-release 2>/dev/null && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -27,4 +36,11 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13
 fi
 # -c keeps torch/numpy where they are; -e so that configs/ and the console script point at this checkout.
 $PY -m pip install -q -c constraints.txt -e ".[dev]"
+# Smoke test: SAPIEN finds a Vulkan device and PickCube-v1 runs offline (its assets ship inside the mani_skill wheel;
+# ManiSkill tasks with asset_download_ids would need `python -m mani_skill.utils.download_asset <env id> -y`).
+$PY -c "
+import gymnasium as gym, mani_skill.envs
+e = gym.make('PickCube-v1', obs_mode='state', control_mode='pd_ee_delta_pos', sim_backend='physx_cpu', render_backend='none')
+e.reset(seed=0); e.step(e.action_space.sample()); e.close()
+" >/tmp/fastnft-smoke.log 2>&1 || { tail -n 5 /tmp/fastnft-smoke.log >&2; echo "ManiSkill PickCube-v1 smoke test failed (log above): SAPIEN needs Vulkan (Mesa lavapipe >= 24.3 on CPU, or a GPU driver); check with: vulkaninfo --summary" >&2; exit 1; }
 $PY -c "import torch, numpy, mani_skill, deepspeed, triton; print('fastnft install ok: torch', torch.__version__, 'numpy', numpy.__version__, 'mani_skill', mani_skill.__version__, 'deepspeed', deepspeed.__version__, 'triton', triton.__version__)"

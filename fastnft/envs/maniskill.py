@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from fastnft.config import EnvConfig
 
-__all__ = ["ManiSkillVectorEnv", "make_single_env", "check_task", "resolve_backend", "vulkan_available", "VULKAN_FIX"]
+__all__ = ["VULKAN_FIX", "ManiSkillVectorEnv", "check_task", "make_single_env", "resolve_backend", "vulkan_available"]
 
 VULKAN_FIX = ("SAPIEN (ManiSkill's simulator) found no Vulkan device. Fix: run `bash scripts/install.sh` (it "
               "installs Mesa lavapipe >= 24.3 from bookworm-backports, the CPU Vulkan driver), or set up a GPU "
@@ -103,7 +103,7 @@ def check_task(task: str) -> None:
                            f"`python -m mani_skill.utils.download_asset {task} -y` (needs internet) before training")
 
 
-def resolve_backend(cfg: "EnvConfig") -> str:
+def resolve_backend(cfg: EnvConfig) -> str:
     """``'cpu'`` or ``'gpu'`` for ``cfg.sim_backend`` (``auto`` = gpu if CUDA is available).
 
     Raises:
@@ -167,11 +167,11 @@ def _single_env_class() -> type:
                 obs = flatten_state_dict(obs, use_torch=True)
             return np.asarray(obs.cpu().numpy() if isinstance(obs, Tensor) else obs, dtype=np.float32).reshape(-1)
 
-        def reset(self, *, seed: int | None = None, options: dict | None = None):  # noqa: D102
+        def reset(self, *, seed: int | None = None, options: dict | None = None):
             self.env.reset(seed=seed, options=options)
             return self._obs(_reset_obs(self.env.unwrapped)), {}
 
-        def step(self, action):  # noqa: D102
+        def step(self, action):
             action = np.asarray(action, dtype=np.float32).reshape(1, -1)
             obs, reward, _, _, info = self.env.step(action)
             success = bool(info["success"].reshape(-1)[0]) if "success" in info else False
@@ -181,7 +181,7 @@ def _single_env_class() -> type:
 
 
 def make_single_env(task: str = "PickCube-v1", control_mode: str = "pd_ee_delta_pos", obs_mode: str = "state",
-                    max_episode_steps: int = 100) -> "gym.Env":
+                    max_episode_steps: int = 100) -> gym.Env:
     """Build the single CPU ManiSkill env that each worker of :class:`ManiSkillVectorEnv` runs.
 
     API: ``reset(seed=s) -> (obs, {})`` and ``step(action) -> (obs, reward, False, False, {"success": bool})`` with
@@ -212,7 +212,7 @@ class _EnvFn:
     def __init__(self, task: str, control_mode: str, obs_mode: str, max_episode_steps: int) -> None:
         self.args = (task, control_mode, obs_mode, max_episode_steps)
 
-    def __call__(self) -> "gym.Env":
+    def __call__(self) -> gym.Env:
         return make_single_env(*self.args)
 
 
@@ -245,7 +245,7 @@ class ManiSkillVectorEnv(VectorEnv):
             requested without CUDA.
     """
 
-    def __init__(self, cfg: "EnvConfig", num_envs: int) -> None:
+    def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
         super().__init__()
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -263,7 +263,7 @@ class ManiSkillVectorEnv(VectorEnv):
             self._init_gpu(cfg)
 
     # -- CPU: AsyncVectorEnv of single envs -----------------------------------------------------------------------
-    def _init_cpu(self, cfg: "EnvConfig") -> None:
+    def _init_cpu(self, cfg: EnvConfig) -> None:
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
         fn = _EnvFn(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps)
@@ -282,7 +282,7 @@ class ManiSkillVectorEnv(VectorEnv):
         self.action_high = torch.as_tensor(np.asarray(act_space.high, dtype=np.float32).reshape(-1))
 
     # -- GPU: ManiSkill's batched PhysX-GPU scene (untested on the CPU-only dev machine) ------------------------
-    def _init_gpu(self, cfg: "EnvConfig") -> None:  # pragma: no cover - needs CUDA
+    def _init_gpu(self, cfg: EnvConfig) -> None:  # pragma: no cover - needs CUDA
         import gymnasium as gym
 
         try:
@@ -339,7 +339,7 @@ class ManiSkillVectorEnv(VectorEnv):
         self._venv = None
         self._gpu_env = None
 
-    def __enter__(self) -> "ManiSkillVectorEnv":
+    def __enter__(self) -> ManiSkillVectorEnv:
         return self
 
     def __exit__(self, *exc: object) -> None:
