@@ -79,5 +79,6 @@ def test_without_interpreter_cpu_is_refused_and_triton_not_imported():
             print("OK")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert res.returncode == 0 and res.stdout.strip() == "OK", res.stdout + res.stderr

@@ -141,7 +141,7 @@ def test_labels_soft_and_hard(labels):
 def test_all_false_mask_gives_exact_zero(kw):
     """Documented behaviour (as the reference): an all-false mask gives loss 0 and a zero gradient."""
     batch = make_batch(37, 5, 7)
-    l1, g1, l2, g2 = run_both(batch, make_mask(37, "all_false"), **kw)
+    l1, g1, l2, _ = run_both(batch, make_mask(37, "all_false"), **kw)
     assert l1.item() == 0.0 and l2.item() == 0.0
     assert torch.count_nonzero(g1) == 0, f"{torch.count_nonzero(g1)} non-zero gradient entries"
 
