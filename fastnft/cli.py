@@ -83,11 +83,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
-    policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
-    policy.to(device)
     n = args.episodes or cfg.train.eval_episodes
-    env = make_env(cfg.env)
+    env = make_env(cfg.env)  # first: an unknown task or a missing simulator is the first thing to report
     try:
+        policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
+        policy.to(device)
         res = evaluate_policy(policy, env, [cfg.env.eval_seed + j for j in range(n)], cfg.policy.num_steps,
                               device=device, seed=cfg.train.seed)
     finally:

@@ -147,7 +147,8 @@ def load_demo_episodes(cfg: ExperimentConfig) -> list[tuple[Any, Any]]:
     Raises:
         FileNotFoundError / ValueError from :func:`fastnft.demos.load_demos` with the fix in the message.
     """
-    from fastnft.demos import find_demo_file, load_demos
+    from fastnft.demos import demo_file, load_demos
 
-    ds = load_demos(find_demo_file(demo_path(cfg), cfg))
+    path = demo_file(demo_path(cfg), cfg.env.task, cfg.env.control_mode)
+    ds = load_demos(path, env_id=cfg.env.task, control_mode=cfg.env.control_mode)
     return [(ep.obs, ep.actions) for ep in ds.episodes]

@@ -1,0 +1,118 @@
+"""The ``fastnft`` CLI end to end on the bandit (no simulator): smoke run, dry run, bad input, kill -9 + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastnft.engine.checkpoint import list_checkpoints, load_latest
+from fastnft.metrics import read_jsonl
+
+TINY = ["sft.steps=30", "sft.num_demos=256", "env.num_envs=64", "train.episodes_per_iter=64",
+        "train.eval_episodes=64", "policy.width=32", "policy.heads=2", "train.micro_batch=64"]
+
+
+def fastnft(*args, tmp: Path, extra=(), check=True, timeout=300):
+    sets = []
+    for kv in [f"run_dir={tmp / 'run'}", f"data_dir={tmp / 'data'}", *TINY, *extra]:
+        sets += ["--set", kv]
+    cmd = [sys.executable, "-m", "fastnft.cli", *args, "--config", "configs/bandit_stepnft.yaml", *sets]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_tmp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = fastnft("sft", "--no-progress", tmp=tmp)
+    assert "SFT policy:" in out.stdout
+    return tmp
+
+
+def test_pipeline_smoke_one_iteration(sft_tmp):
+    out = fastnft("pipeline", "--no-progress", tmp=sft_tmp, extra=["train.iterations=1", "train.eval_every=1"])
+    report = json.loads((sft_tmp / "run" / "report.json").read_text())
+    assert report["sft"]["episodes"] == 64 and report["stepnft"]["episodes"] == 64
+    assert (sft_tmp / "run" / "success_curve.png").stat().st_size > 1000
+    assert "π-StepNFT" in out.stdout and "held-out success" in out.stdout
+    recs = read_jsonl(sft_tmp / "run" / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train"]
+    assert len(train) == 1 and 0.0 <= train[0]["labels/positive_share"] <= 1.0
+    for key in ("fresh/logit_abs", "fresh/sep_over_std", "replayed/loss", "ema/decay", "perf/env_steps_per_s"):
+        assert key in train[0], key
+    assert list((sft_tmp / "run" / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert list_checkpoints(sft_tmp / "run")
+
+
+def test_dry_run_builds_and_exits(sft_tmp):
+    out = fastnft("train", "--dry-run", tmp=sft_tmp, extra=[f"run_dir={sft_tmp / 'dry'}"])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["dry_run"] == "ok" and info["obs_dim"] == 4 and info["act_dim"] == 2
+    assert not (sft_tmp / "dry" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["train.iterations=0"], "train.iterations"),
+    (["train.lr_rate=1"], "unknown config key"),
+])
+def test_bad_config_exits_2_with_message(sft_tmp, extra, needle):
+    out = fastnft("train", tmp=sft_tmp, extra=extra, check=False)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_and_incompatible_policy(sft_tmp, tmp_path):
+    out = fastnft("train", tmp=tmp_path, check=False)
+    assert out.returncode == 2 and "run `fastnft sft" in out.stderr
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = fastnft("train", "--init", str(bad), tmp=sft_tmp, check=False)
+    assert out.returncode == 2 and "unreadable" in out.stderr
+    # SFT policy of width 32 used with a config of width 64
+    init = next((sft_tmp / "data" / "sft").glob("*.pt"))
+    out = fastnft("train", "--init", str(init), tmp=sft_tmp, extra=["policy.width=64"], check=False)
+    assert out.returncode == 2 and "policy.width" in out.stderr
+
+
+def test_unknown_task_is_a_clear_error(sft_tmp):
+    out = fastnft("eval", tmp=sft_tmp, extra=["env.task=PickCbe-v1"], check=False)
+    assert out.returncode == 2 and "unknown ManiSkill3 task 'PickCbe-v1'" in out.stderr
+    assert "PickCube-v1" in out.stderr  # the suggestion
+
+
+def test_kill_9_then_resume(sft_tmp):
+    run = sft_tmp / "resume"
+    extra = [f"run_dir={run}", "train.iterations=8", "train.checkpoint_every=1", "train.eval_every=4"]
+    sets = []
+    for kv in [f"data_dir={sft_tmp / 'data'}", *TINY, *extra]:
+        sets += ["--set", kv]
+    cmd = [sys.executable, "-m", "fastnft.cli", "train", "--no-progress", "--config", "configs/bandit_stepnft.yaml",
+           *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ck = list_checkpoints(run)
+        if ck and ck[-1][0] >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = list_checkpoints(run)[-1][0]
+    assert 3 <= killed_at < 8, f"kill landed at iteration {killed_at}; the test needs a mid-run kill"
+    it, _ = load_latest(run)
+    assert it >= 3
+    out = fastnft("train", "--resume", "--no-progress", tmp=sft_tmp, extra=extra)
+    assert "held-out success" in out.stdout
+    recs = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    iters = [r["iteration"] for r in recs]
+    assert iters == list(range(1, 9)), f"metrics after resume: {iters}"
+    final_it, state = load_latest(run)
+    assert final_it == 8 and state["history"][-1]["iteration"] == 8
