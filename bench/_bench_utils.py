@@ -87,9 +87,9 @@ def loss_inputs(N: int, C: int, D: int, dtype: torch.dtype, device: torch.device
 def loss_bytes(provider: str, N: int, C: int, D: int, elt: int, backward: bool) -> int:
     """Bytes a provider must move for one loss call. Forward: read v_theta, v_old, x_t, x_next (4 NCD) and
     the per-sample A, B, std, y (float32) and mask. Forward+backward: ``triton`` also writes its per-token
-    gradient in the forward and reads it back in the backward before writing dL/dv_theta (7 NCD in all); ``torch`` and
-    ``compile`` are credited with the compulsory 5 NCD (4 reads + the gradient write), a lower bound of what
-    they move, so their GB/s are upper bounds."""
+    gradient in the forward and reads it back in the backward before writing dL/dv_theta (7 NCD in all);
+    ``torch`` and ``compile`` are credited with the compulsory 5 NCD (4 reads + the gradient write), a lower
+    bound of what they move, so their GB/s are upper bounds."""
     per_sample = N * (4 * 4 + 1)
     big = N * C * D * elt
     if not backward:

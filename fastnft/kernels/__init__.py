@@ -88,8 +88,9 @@ def _resolve(mode: str, device: torch.device | str) -> bool:
     if not triton_usable(device):
         raise RuntimeError(
             f"kernels: triton needs a CUDA device (compute capability >= 8.0) with triton installed, got "
-            f"{device}; set engine.kernels: torch (or auto, which falls back to the PyTorch reference), or set "
-            "TRITON_INTERPRET=1 before importing fastnft.kernels to run the kernels on CPU (tests only)")
+            f"{device}; set engine.kernels: torch (or auto, which falls back to the PyTorch reference), "
+            "or set TRITON_INTERPRET=1 before importing fastnft.kernels to run the kernels on CPU "
+            "(tests only)")
     return True
 
 

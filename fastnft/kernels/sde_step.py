@@ -1,9 +1,9 @@
 """Fused Flow-SDE step (SPEC S2): ``x_next = A x_t + B v + std z`` with ``z`` drawn in the kernel.
 
-The noise never touches memory: each program draws it with Philox (``tl.randn4x``: one Philox call gives four
-normals) from a ``(seed, offset)`` pair, so a step reads ``x_t`` and ``v`` and writes ``x_next`` and nothing else
-(3 tensors of memory traffic instead of ~13 for the eager reference). With ``std = 0`` (or :func:`ode_step`) the
-noise is compiled out and the kernel is the Euler ODE step (S2c).
+The noise never touches memory: each program draws it with Philox (``tl.randn4x``: one Philox call gives
+four normals) from a ``(seed, offset)`` pair, so a step reads ``x_t`` and ``v`` and writes ``x_next`` and
+nothing else (3 tensors of memory traffic instead of ~13 for the eager reference). With ``std = 0`` (or
+:func:`ode_step`) the noise is compiled out and the kernel is the Euler ODE step (S2c).
 
 Noise layout (independent of the launch configuration, so results are reproducible across devices and block
 sizes): for ``numel`` elements and ``Q = ceil(numel / 4)``, element ``e = k * Q + i`` (``k`` in 0..3) receives
@@ -23,8 +23,9 @@ __all__ = ["INTERPRETED", "fused_sde_step", "ode_step", "philox_seed", "sde_step
 
 @triton.jit
 def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
-    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16 (interpreter
-    # + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's rounding.
+    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16
+    # (interpreter + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's
+    # rounding.
     if RTNE_BF16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -33,8 +34,8 @@ def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, live, z, numel, row_len, s_a, s_b, s_std,
-              a_val, b_val, std_val,
+def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, live, z, numel, row_len,
+              s_a, s_b, s_std, a_val, b_val, std_val,
               CDTYPE: tl.constexpr, NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr,
               RTNE_BF16: tl.constexpr):
     ok = live & (e < numel)
@@ -77,14 +78,14 @@ def _sde_step_kernel(
         z1 = z0
         z2 = z0
         z3 = z0
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i, live, z0, numel, row_len, s_a, s_b, s_std,
-              a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + quarter, live, z1, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 2 * quarter, live, z2, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, live, z3, numel, row_len, s_a, s_b,
-              s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i, live, z0, numel, row_len,
+              s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + quarter, live, z1, numel, row_len,
+              s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 2 * quarter, live, z2, numel, row_len,
+              s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
+    _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, live, z3, numel, row_len,
+              s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
 
 
 INTERPRETED: bool = type(_sde_step_kernel).__name__ == "InterpretedFunction"
@@ -108,8 +109,8 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
     """One fused Flow-SDE transition ``x_next = A x_t + B v + std z`` (SPEC S2a-S2b), ``z`` drawn in-kernel.
 
     Args:
-        x_t: ``[N, ...]`` (``[N, H, D]`` in the sampler) float32 | bfloat16 | float16 | float64, CUDA (or CPU under
-            ``TRITON_INTERPRET=1``).
+        x_t: ``[N, ...]`` (``[N, H, D]`` in the sampler) float32 | bfloat16 | float16 | float64, CUDA (or CPU
+            under ``TRITON_INTERPRET=1``).
         v: velocity, same shape, dtype and device as ``x_t``.
         A, B, std: ``[N]`` tensors (any float dtype, any stride), 0-d tensors, or Python numbers. If all three
             are numbers the coefficients are kernel scalars; ``std == 0`` (a number) compiles the noise out
@@ -128,16 +129,19 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     if x_t.dim() < 1 or v.shape != x_t.shape:
-        raise ValueError(f"x_t and v must share a shape [N, ...], got {tuple(x_t.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"x_t and v must share a shape [N, ...], got {tuple(x_t.shape)} and "
+                         f"{tuple(v.shape)}")
     if x_t.dtype not in _SUPPORTED or v.dtype != x_t.dtype or v.device != x_t.device:
         raise ValueError(f"x_t and v must be one float dtype on one device, got {x_t.dtype}/{x_t.device} and "
                          f"{v.dtype}/{v.device}")
     if z is not None and (z.shape != x_t.shape or z.device != x_t.device):
-        raise ValueError(f"z must have x_t's shape {tuple(x_t.shape)} and device, got {tuple(z.shape)} {z.device}")
+        raise ValueError(f"z must have x_t's shape {tuple(x_t.shape)} and device, got {tuple(z.shape)} "
+                         f"{z.device}")
     if x_t.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
-            f"the fused Triton kernels need CUDA tensors (got {x_t.device.type}); use engine.kernels: torch or auto "
-            "(the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to run them on CPU")
+            f"the fused Triton kernels need CUDA tensors (got {x_t.device.type}); use engine.kernels: torch "
+            "or auto (the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to "
+            "run them on CPU")
     N = x_t.shape[0]
     numel = x_t.numel()
     assert numel < 2**31, "the kernel indexes with int32: numel must be < 2^31"
@@ -151,16 +155,20 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
         strides = (0, 0, 0)
     else:
         a_val = b_val = std_val = 0.0
-        a_t, b_t, s_t = (_coef(c if isinstance(c, Tensor) else torch.full((N,), float(c), dtype=cdt, device=dev),
-                               N, name) for c, name in ((A, "A"), (B, "B"), (std, "std")))
+        a_t, b_t, s_t = (
+            _coef(c if isinstance(c, Tensor) else torch.full((N,), float(c), dtype=cdt, device=dev), N, name)
+            for c, name in ((A, "A"), (B, "B"), (std, "std")))
         strides = (a_t.stride(0), b_t.stride(0), s_t.stride(0))
     has_z = z is not None
     if noise and not has_z:
         if seed is None:
-            raise ValueError("fused_sde_step needs a seed (int or [1] int64 tensor) when std != 0 and z is None")
-        seed_t = seed if isinstance(seed, Tensor) else torch.full((1,), int(seed), dtype=torch.int64, device=dev)
+            raise ValueError("fused_sde_step needs a seed (int or [1] int64 tensor) when std != 0 and z is "
+                             "None")
+        seed_t = (seed if isinstance(seed, Tensor)
+                  else torch.full((1,), int(seed), dtype=torch.int64, device=dev))
         if seed_t.numel() != 1 or seed_t.device != dev:
-            raise ValueError(f"seed tensor must hold 1 element on {dev}, got {tuple(seed_t.shape)} {seed_t.device}")
+            raise ValueError(f"seed tensor must hold 1 element on {dev}, got {tuple(seed_t.shape)} "
+                             f"{seed_t.device}")
     else:
         seed_t = x_t  # dummy pointer
     x = x_t.contiguous()

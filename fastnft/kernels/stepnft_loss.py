@@ -1,4 +1,4 @@
-"""Fused π-StepNFT loss (SPEC S5-S8): one forward launch computes the loss AND its gradient w.r.t. ``v_theta``.
+"""Fused π-StepNFT loss (SPEC S5-S8): one forward launch computes the loss AND its gradient w.r.t. v_theta.
 
 Per token (one row of ``D`` action dims) the forward kernel loads ``v_theta, v_old, x_t, x_next`` once and
 computes, in float32 (float64 for float64 inputs):
@@ -7,7 +7,7 @@ computes, in float32 (float64 for float64 inputs):
     dv  = v_theta - v_old,  g = <r, dv>,  q = ||dv||^2          two dot products over D
     s   = min(1, max_drift / (sqrt(q) + 1e-8))                  S5 clip factor (1 when the clip is off)
     u   = s g = <r, dv_c>,  w = s^2 q = ||dv_c||^2,  b = beta B
-    E+ - E0 = (-2 b u + b^2 w) / var,  E- - E0 = (2 b u + b^2 w) / var,  E0 = ||r||^2 / var   (S6, S7 identity)
+    E+ - E0 = (-2 b u + b^2 w) / var,  E- - E0 = (2 b u + b^2 w) / var,  E0 = ||r||^2 / var  (S6, S7)
 
 so every variant's token loss is a function ``f(u, w)`` (plus ``E0`` for wMSE, which does not depend on
 ``v_theta``). By the chain rule, with ``s' = ds/d||dv|| = -s / (||dv|| + 1e-8)`` where the clip is active
@@ -55,8 +55,9 @@ def _sigmoid(x):
 
 @triton.jit
 def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
-    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16 (interpreter
-    # + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's rounding.
+    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16
+    # (interpreter + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's
+    # rounding.
     if RTNE_BF16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -202,7 +203,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _launch_config(T: int, D: int, device: torch.device, block_tokens: int | None) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): ~2k elements per program on GPU; few, large programs in the interpreter."""
+    """(BLOCK_T, BLOCK_D, num_warps): ~2k elements per program on GPU; few, large ones in the interpreter."""
     block_d = triton.next_power_of_2(D)
     if block_tokens is None:
         per_program = 1 << 16 if device.type != "cuda" else 2048
@@ -215,8 +216,9 @@ def _launch_config(T: int, D: int, device: torch.device, block_tokens: int | Non
 def _check_device(x: Tensor) -> None:
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
-            f"the fused Triton kernels need CUDA tensors (got {x.device.type}); use engine.kernels: torch or auto "
-            "(the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to run them on CPU")
+            f"the fused Triton kernels need CUDA tensors (got {x.device.type}); use engine.kernels: torch or "
+            "auto (the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to run "
+            "them on CPU")
 
 
 def _row_view(x: Tensor) -> Tensor:
@@ -227,14 +229,16 @@ def _row_view(x: Tensor) -> Tensor:
 def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor,
                          std: Tensor, y: Tensor, mask: Tensor | None = None, *, beta: float = 1.0,
                          gamma: float = 1.0, max_drift: float | None = 0.5, kl_coef: float = 1e-4,
-                         loss: LossKind = "ranking", target: TargetKind = "next", branches: BranchKind = "both",
-                         t: Tensor | None = None, x0: Tensor | None = None, store_grad: bool = True,
+                         loss: LossKind = "ranking", target: TargetKind = "next",
+                         branches: BranchKind = "both", t: Tensor | None = None, x0: Tensor | None = None,
+                         store_grad: bool = True,
                          block_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Launch the fused forward: the loss, its normaliser and the (un-normalised) gradient w.r.t. ``v_theta``.
 
     Args:
         v_theta, v_old, x_t, x_next: ``[N, C, D]`` float32 | bfloat16 | float16 | float64, one dtype, one
-            device, unit stride over ``D`` (other strides are free: a ``[:, :C]`` slice of ``[N, H, D]`` is fine).
+            device, unit stride over ``D`` (other strides are free: a ``[:, :C]`` slice of ``[N, H, D]`` is
+            fine).
         A, B, std, y: ``[N]`` any float dtype (cast to the compute dtype in the kernel).
         mask: ``[N]`` bool or None.
         t, x0: ``[N]`` and ``[N, C, D]``, only for ``target="x0"``; they replace ``B -> -t`` and ``x_next``.
@@ -258,9 +262,11 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         raise ValueError(f"branches must be 'both', 'positive' or 'negative', got {branches!r}")
     if target == "x0":
         if t is None or x0 is None:
-            raise ValueError("target='x0' needs t ([N] solver time t_i) and x0 ([N, C, D] final rollout sample)")
+            raise ValueError("target='x0' needs t ([N] solver time t_i) and x0 ([N, C, D] final rollout "
+                             "sample)")
         if x0.shape != v_theta.shape or t.shape != A.shape:
-            raise ValueError(f"x0 must be {tuple(v_theta.shape)} and t [N], got {tuple(x0.shape)}, {tuple(t.shape)}")
+            raise ValueError(f"x0 must be {tuple(v_theta.shape)} and t [N], got {tuple(x0.shape)}, "
+                             f"{tuple(t.shape)}")
     elif target != "next":
         raise ValueError(f"target must be 'next' or 'x0', got {target!r}")
     if v_theta.dtype not in _SUPPORTED:
@@ -308,7 +314,8 @@ def _scale(grad: Tensor, grad_out: Tensor, inv: Tensor) -> Tensor:
     block = (1 << 18) if grad.device.type != "cuda" else 4096
     _scale_kernel[(triton.cdiv(numel, block),)](grad, out, grad_out, inv, numel,
                                                 CDTYPE=_TL_DTYPE[_compute_dtype(grad.dtype)], BLOCK=block,
-                                                RTNE_BF16=INTERPRETED and grad.dtype == torch.bfloat16, num_warps=4)
+                                                RTNE_BF16=INTERPRETED and grad.dtype == torch.bfloat16,
+                                                num_warps=4)
     return out
 
 
@@ -321,8 +328,8 @@ class StepNFTLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor,
                 std: Tensor, y: Tensor, mask: Tensor | None, kwargs: dict) -> Tensor:
-        loss, inv, grad = stepnft_loss_forward(v_theta, v_old, x_t, x_next, A, B, std, y, mask, store_grad=True,
-                                               **kwargs)
+        loss, inv, grad = stepnft_loss_forward(v_theta, v_old, x_t, x_next, A, B, std, y, mask,
+                                               store_grad=True, **kwargs)
         ctx.save_for_backward(grad, inv)
         return loss
 
@@ -332,18 +339,18 @@ class StepNFTLossFunction(torch.autograd.Function):
         return (_scale(grad, grad_out, inv),) + (None,) * 9
 
 
-def stepnft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor, std: Tensor,
-                 y: Tensor, mask: Tensor | None = None, *, beta: float = 1.0, gamma: float = 1.0,
+def stepnft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor,
+                 std: Tensor, y: Tensor, mask: Tensor | None = None, *, beta: float = 1.0, gamma: float = 1.0,
                  max_drift: float | None = 0.5, kl_coef: float = 1e-4, loss: LossKind = "ranking",
                  target: TargetKind = "next", branches: BranchKind = "both", t: Tensor | None = None,
                  x0: Tensor | None = None) -> Tensor:
-    """The π-StepNFT objective, fused (SPEC S5-S7; variants S8): a drop-in for :func:`fastnft.nft.stepnft_loss`.
+    """The π-StepNFT objective, fused (SPEC S5-S7; S8 variants): drop-in for :func:`fastnft.nft.stepnft_loss`.
 
     Same signature, shapes and result as the reference (see it for every argument): ``v_theta, v_old, x_t,
-    x_next`` (and ``x0``) are ``[N, C, D]`` float32 | bfloat16 (float16, float64 also accepted) of one dtype on
-    one CUDA device (or CPU under ``TRITON_INTERPRET=1``); ``A, B, std, y, t`` are ``[N]`` floats; ``mask`` is
-    ``[N]`` bool or None. Accumulation is float32 (float64 for float64 inputs). An all-false mask gives exactly
-    0 with a zero gradient, like the reference.
+    x_next`` (and ``x0``) are ``[N, C, D]`` float32 | bfloat16 (float16, float64 also accepted) of one dtype
+    on one CUDA device (or CPU under ``TRITON_INTERPRET=1``); ``A, B, std, y, t`` are ``[N]`` floats;
+    ``mask`` is ``[N]`` bool or None. Accumulation is float32 (float64 for float64 inputs). An all-false mask
+    gives exactly 0 with a zero gradient, like the reference.
 
     Returns:
         0-d tensor, float32 (float64 for float64 inputs), differentiable w.r.t. ``v_theta`` only.
@@ -359,8 +366,9 @@ def stepnft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A:
     if grad_on:
         others = (v_old, x_t, x_next, A, B, std, y, t, x0)
         if any(o is not None and o.requires_grad for o in others):
-            raise NotImplementedError("the fused StepNFT loss differentiates w.r.t. v_theta only; an other input "
-                                      "requires grad: detach it or use fastnft.nft.stepnft_loss")
+            raise NotImplementedError("the fused StepNFT loss differentiates w.r.t. v_theta only; another "
+                                      "input requires grad: detach it or use fastnft.nft.stepnft_loss")
     if grad_on and v_theta.requires_grad:
         return StepNFTLossFunction.apply(v_theta, v_old, x_t, x_next, A, B, std, y, mask, kwargs)
-    return stepnft_loss_forward(v_theta, v_old, x_t, x_next, A, B, std, y, mask, store_grad=False, **kwargs)[0]
+    out = stepnft_loss_forward(v_theta, v_old, x_t, x_next, A, B, std, y, mask, store_grad=False, **kwargs)
+    return out[0]

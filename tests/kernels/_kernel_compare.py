@@ -21,5 +21,6 @@ def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, 
         flat = int(excess.argmax())
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
         raise AssertionError(
-            f"{what}: {int(bad.sum())}/{a.numel()} elements outside atol={atol:.2e} rtol={rtol:.2e}; worst at "
+            f"{what}: {int(bad.sum())}/{a.numel()} elements outside atol={atol:.2e} rtol={rtol:.2e}; "
+            f"worst at "
             f"{idx}: got {a[idx].item():.10e}, expected {e[idx].item():.10e} (|diff| {err[idx].item():.3e})")

@@ -63,8 +63,8 @@ def test_auto_wrapper_falls_back_when_other_inputs_need_grad(monkeypatch):
 
 
 def test_without_interpreter_cpu_is_refused_and_triton_not_imported():
-    """In a fresh process without TRITON_INTERPRET: importing fastnft.kernels does not import triton, auto picks
-    the reference, and ``triton`` on CPU raises an error naming the fix."""
+    """In a fresh process without TRITON_INTERPRET: importing fastnft.kernels does not import triton, auto
+    picks the reference, and ``triton`` on CPU raises an error naming the fix."""
     code = textwrap.dedent("""
         import sys
         import fastnft.kernels as K

@@ -46,7 +46,8 @@ def test_coefficient_forms():
     assert_close(fused_sde_step(x, v, A2, B, std, z=z), expected, rtol=1e-14, atol=1e-14, what="strided A")
     for a, b, s in [(0.98, -0.25, 0.2), (torch.tensor(0.98, dtype=torch.float64), -0.25, torch.tensor(0.2))]:
         exp = ref.sde_step(x, v, a, b, s, z=z)
-        assert_close(fused_sde_step(x, v, a, b, s, z=z), exp, rtol=1e-7, atol=1e-7, what=f"scalars {a} {b} {s}")
+        assert_close(fused_sde_step(x, v, a, b, s, z=z), exp, rtol=1e-7, atol=1e-7,
+                     what=f"scalars {a} {b} {s}")
 
 
 def test_ode_step_and_zero_std():
@@ -91,13 +92,15 @@ def test_noise_moments_standard_normal():
     mean = A.view(-1, 1, 1).float() * x + B.view(-1, 1, 1).float() * v
     z = ((out - mean) / std.view(-1, 1, 1)).double().flatten()
     n = z.numel()
-    se = {"mean": 1 / math.sqrt(n), "var": math.sqrt(2 / n), "skew": math.sqrt(6 / n), "kurt": math.sqrt(24 / n)}
+    se = {"mean": 1 / math.sqrt(n), "var": math.sqrt(2 / n), "skew": math.sqrt(6 / n),
+          "kurt": math.sqrt(24 / n)}
     zc = z - z.mean()
     stats = {"mean": (z.mean().item(), 0.0), "var": (zc.pow(2).mean().item(), 1.0),
              "skew": ((zc.pow(3).mean() / zc.pow(2).mean() ** 1.5).item(), 0.0),
              "kurt": ((zc.pow(4).mean() / zc.pow(2).mean() ** 2).item(), 3.0)}
     for name, (got, want) in stats.items():
-        assert abs(got - want) < 5 * se[name] + 2e-4, f"{name}: {got:.5f} vs {want} (5 se = {5 * se[name]:.5f})"
+        assert abs(got - want) < 5 * se[name] + 2e-4, (
+            f"{name}: {got:.5f} vs {want} (5 se = {5 * se[name]:.5f})")
     p = 0.6826894921370859
     frac = (z.abs() < 1).double().mean().item()
     assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), f"P(|z|<1) = {frac:.5f}, expected {p:.5f}"
@@ -116,7 +119,8 @@ def test_step_fn_with_generator_in_sampler():
 
     def run(seed: int):
         g = torch.Generator().manual_seed(seed)
-        return sample_actions(lambda x, t: 0.5 * x, noise, sch, stochastic=True, generator=g, step_fn=sde_step)
+        return sample_actions(lambda x, t: 0.5 * x, noise, sch, stochastic=True, generator=g,
+                              step_fn=sde_step)
 
     r1, r2, r3 = run(1), run(1), run(2)
     assert torch.equal(r1.actions, r2.actions) and torch.equal(r1.x_next, r2.x_next)
