@@ -10,12 +10,27 @@ from __future__ import annotations
 from typing import Any
 
 from fastnft.engine import dist
-from fastnft.engine.checkpoint import (CheckpointError, config_fingerprint, load_checkpoint, load_latest,
-                                       save_checkpoint)
+from fastnft.engine.checkpoint import (
+    CheckpointError,
+    config_fingerprint,
+    load_checkpoint,
+    load_latest,
+    save_checkpoint,
+)
 from fastnft.engine.ema import EMA, ema_decay
 
-__all__ = ["ActorEngine", "build_ds_config", "EMA", "ema_decay", "CheckpointError", "save_checkpoint",
-           "load_latest", "load_checkpoint", "config_fingerprint", "dist"]
+__all__ = [
+    "EMA",
+    "ActorEngine",
+    "CheckpointError",
+    "build_ds_config",
+    "config_fingerprint",
+    "dist",
+    "ema_decay",
+    "load_checkpoint",
+    "load_latest",
+    "save_checkpoint",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,16 @@ import torch
 
 from fastnft.engine import dist as fdist
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "config_fingerprint",
-           "checkpoint_dir", "list_checkpoints", "FORMAT_VERSION"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "checkpoint_dir",
+    "config_fingerprint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +171,8 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / corrupt / not a torch file
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {e}); delete it to "
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}: {reason}); delete it to "
                               "resume from an older checkpoint, or start a fresh run_dir") from e
     if not isinstance(obj, dict) or "iteration" not in obj or "format" not in obj:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a fastnft checkpoint (no 'format'/'iteration' "

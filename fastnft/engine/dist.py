@@ -22,8 +22,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
-           "all_reduce_mean", "broadcast_object", "default_backend", "ensure_extensions_dir"]
+__all__ = [
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "default_backend",
+    "ensure_extensions_dir",
+    "init_distributed",
+    "is_initialized",
+    "is_main",
+    "local_rank",
+    "rank",
+    "world_size",
+]
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

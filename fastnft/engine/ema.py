@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["ema_decay", "EMA"]
+__all__ = ["EMA", "ema_decay"]
 
 
 def ema_decay(iteration: int, total: int, start: float = 0.1, end: float = 0.995) -> float:
@@ -165,7 +165,7 @@ class EMA:
         """
         params = state.get("params") if isinstance(state, dict) else None
         if not isinstance(params, dict):
-            raise ValueError("EMA.load_state_dict: expected a dict with a 'params' mapping (EMA.state_dict output)")
+            raise TypeError("EMA.load_state_dict: expected a dict with a 'params' mapping (EMA.state_dict output)")
         missing = sorted(set(self.names) - set(params))
         extra = sorted(set(params) - set(self.names))
         if missing or extra:

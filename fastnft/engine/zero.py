@@ -35,9 +35,10 @@ __all__ = ["ActorEngine", "build_ds_config"]
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, world_size: int,
-                    use_cuda: bool) -> dict[str, Any]:
-    """DeepSpeed config dict for the actor (see configs/deepspeed_zero2.json for the same as a file).
+def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, use_cuda: bool) -> dict[str, Any]:
+    """DeepSpeed config dict for the actor; ``configs/deepspeed_zero2.json`` is this for the defaults, stage 2, CUDA.
+
+    DeepSpeed derives ``train_batch_size = 1 * 1 * world_size`` (nominal: losses are computed by the trainer).
 
     Raises:
         ValueError: ``engine.dtype=bfloat16`` without CUDA.
@@ -52,13 +53,12 @@ def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, world_size
     return {
         "train_micro_batch_size_per_gpu": 1,  # nominal: the trainer feeds its own micro-batches
         "gradient_accumulation_steps": 1,  # one backward+step pair = one optimizer step
-        "train_batch_size": world_size,
         "gradient_clipping": float(train_cfg.grad_clip),
         "bf16": {"enabled": engine_cfg.dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: no 40 s fused-Adam op build
-        "steps_per_print": 2**62,
+        "steps_per_print": 1_000_000_000,  # never: the trainer logs metrics itself
         "wall_clock_breakdown": False,
     }
 
@@ -112,7 +112,7 @@ class ActorEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
                                       weight_decay=train_cfg.weight_decay)
-        self.ds_config = build_ds_config(train_cfg, engine_cfg, fdist.world_size(), use_cuda)
+        self.ds_config = build_ds_config(train_cfg, engine_cfg, use_cuda)
         self.ds_config.update(ds_overrides or {})
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=self.ds_config)
