@@ -13,6 +13,7 @@ capture window; see profiling/README.md). GPU work is synchronised before a time
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -32,11 +33,13 @@ class PhaseTimers:
     """Accumulates wall time per named phase and mirrors each phase as an NVTX range.
 
     Args:
-        nvtx_enabled: emit NVTX push/pop around each phase.
+        nvtx_enabled: emit NVTX push/pop around each phase; None = from the ``FASTNFT_NVTX`` environment variable.
         sync_cuda: call ``torch.cuda.synchronize()`` at both ends of a phase for exact GPU timings.
     """
 
-    def __init__(self, nvtx_enabled: bool = False, sync_cuda: bool = False) -> None:
+    def __init__(self, nvtx_enabled: bool | None = None, sync_cuda: bool = False) -> None:
+        if nvtx_enabled is None:  # switched on for an Nsight capture: FASTNFT_NVTX=1 (profiling/README.md)
+            nvtx_enabled = os.environ.get("FASTNFT_NVTX", "0") == "1"
         self.nvtx_enabled = nvtx_enabled and _nvtx is not None
         self.sync_cuda = sync_cuda and torch.cuda.is_available()
         self.totals: dict[str, float] = defaultdict(float)
