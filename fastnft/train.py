@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     with friendly_errors():
         out = run_train(args)
     h = out["history"]
-    if h:
+    from fastnft.engine import dist as fdist
+
+    if h and fdist.is_main():
         print(f"final held-out success {h[-1]['success_rate']:.3f} (start {h[0]['success_rate']:.3f}), "
               f"run dir {out['run_dir']}")
     return 0

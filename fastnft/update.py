@@ -110,7 +110,7 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
             mb = buf.index(perm[s:s + micro_batch])
             loss = buffer_loss(engine.module, mb, sch, nft, C, loss_fn)
             out = engine.train_step(loss)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if out.get("grad_norm") is not None:
                 norms.append(float(out["grad_norm"]))
             steps += 1

@@ -116,3 +116,29 @@ def test_kill_9_then_resume(sft_tmp):
     assert iters == list(range(1, 9)), f"metrics after resume: {iters}"
     final_it, state = load_latest(run)
     assert final_it == 8 and state["history"][-1]["iteration"] == 8
+
+
+@pytest.mark.distributed
+def test_two_ranks_torchrun_zero2(sft_tmp):
+    """2 processes (gloo, ZeRO-2): each rank runs its own envs on disjoint seeds; metrics sum over ranks."""
+    run = sft_tmp / "ddp"
+    sets = []
+    for kv in [f"data_dir={sft_tmp / 'data'}", f"run_dir={run}", *TINY, "engine.zero_stage=2",
+               "train.iterations=2", "train.checkpoint_every=1"]:
+        sets += ["--set", kv]
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "fastnft.train", "--no-progress", "--config", "configs/bandit_stepnft.yaml",
+           *sets]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("final held-out success") == 1, "only rank 0 reports"
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2]
+    assert all(r["rollout/episodes"] == 2 * 64 for r in train), "episodes must be summed over both ranks"
+    it, state = load_latest(run)
+    assert it == 2 and len(state["rng"]) == 2
