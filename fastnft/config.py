@@ -308,6 +308,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
             return False, value
         if isinstance(value, (int, float)):
             return True, float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string; accept any float literal
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value

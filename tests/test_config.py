@@ -42,6 +42,8 @@ def test_overrides_are_typed():
                                                         "train.betas=[0.8, 0.9]"])
     assert cfg.train.iterations == 3 and cfg.nft.max_drift is None and cfg.train.betas == (0.8, 0.9)
     assert config_to_dict(cfg)["train"]["betas"] == [0.8, 0.9]
+    # YAML 1.1 reads 1e-4 as a string: float fields accept float literals
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
 
 
 @pytest.mark.parametrize("override,needle", [
