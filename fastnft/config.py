@@ -159,6 +159,9 @@ class NFTConfig:
     """Supervised solver index: ``random`` (U{0..K-1} per sample, S3) or ``fixed:j``."""
     steps_per_call: int = 1
     """Solver transitions stored per policy call (1 = the paper; up to K records several distinct steps)."""
+    baseline: Literal["none", "batch", "group"] = "none"
+    """Label baseline (S4 soft score): ``none`` y = 2s - 1 (the paper); ``batch`` y = s - mean(s) over the
+    iteration; ``group`` y = s - mean of the ``train.group_size`` rollouts from the same initial state."""
 
     def __post_init__(self) -> None:
         _require(self.noise_level >= 0, "nft.noise_level", "must be >= 0")
@@ -226,6 +229,8 @@ class TrainConfig:
     """Held-out episodes per evaluation."""
     checkpoint_every: int = 5
     """Write a checkpoint every this many iterations (atomically)."""
+    group_size: int = 1
+    """Rollouts per initial state (env seed) in an iteration; ``episodes_per_iter`` must be a multiple of it."""
     seed: int = 0
     """Seed of the RL run (rollout noise, step indices, shuffling)."""
 
@@ -242,6 +247,8 @@ class TrainConfig:
                  "EMA decays must lie in [0, 1]")
         _require(self.eval_every >= 0 and self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _require(self.eval_episodes >= 1, "train.eval_episodes", "must be >= 1")
+        _require(self.group_size >= 1 and self.episodes_per_iter % self.group_size == 0, "train.group_size",
+                 f"must be >= 1 and divide train.episodes_per_iter={self.episodes_per_iter}")
 
 
 @dataclass(kw_only=True)
@@ -271,6 +278,8 @@ class ExperimentConfig:
                  f"fixed solver index must be < policy.num_steps={self.policy.num_steps}")
         _require(self.nft.steps_per_call <= self.policy.num_steps, "nft.steps_per_call",
                  f"must be <= policy.num_steps={self.policy.num_steps}")
+        _require(self.nft.baseline != "group" or self.train.group_size > 1, "nft.baseline",
+                 "'group' needs train.group_size > 1 (several rollouts per initial state)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
-__all__ = ["RolloutBuffer", "RolloutStats", "run_episodes", "wilson_interval"]
+__all__ = ["RolloutBuffer", "RolloutStats", "run_episodes", "wilson_interval", "episode_labels"]
 
 
 @dataclass
@@ -98,6 +98,35 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, c - h), min(1.0, c + h)
 
 
+def episode_labels(success: Tensor, baseline: str = "none", group_size: int = 1) -> Tensor:
+    """Per-episode labels y in [-1, 1] (SPEC S4).
+
+    Args:
+        success: ``[E]`` bool or float in [0, 1], success of each episode, episodes of one initial state adjacent
+            (``group_size`` of them) when ``baseline="group"``.
+        baseline: ``none``: ``y = 2s - 1`` (the paper). ``batch``: ``y = s - mean(s)``. ``group``:
+            ``y = s - mean over the episode's group``. The baselines are S4 soft scores ``y = 2r' - 1`` with
+            ``r' = (1 + s - b) / 2`` in [0, 1]; a group where every rollout agrees gets y = 0 (no ranking signal).
+        group_size: rollouts per initial state (``group`` only).
+
+    Returns:
+        ``[E]`` float32.
+
+    Raises:
+        ValueError: unknown baseline, or ``E`` not a multiple of ``group_size``.
+    """
+    s = success.float()
+    if baseline == "none":
+        return 2.0 * s - 1.0
+    if baseline == "batch":
+        return s - s.mean()
+    if baseline == "group":
+        if s.numel() % group_size:
+            raise ValueError(f"{s.numel()} episodes are not a whole number of groups of {group_size}")
+        return s - s.view(-1, group_size).mean(1).repeat_interleave(group_size)
+    raise ValueError(f"baseline must be 'none', 'batch' or 'group', got {baseline!r}")
+
+
 def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator) -> Tensor:
     """``[n, per_call]`` distinct solver indices per call (S3: uniform, fixed across update epochs)."""
     if fixed is not None:
@@ -109,7 +138,7 @@ def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.G
 def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
-                 device: torch.device | str = "cpu") -> tuple[RolloutBuffer | None, RolloutStats]:
+                 device: torch.device | str = "cpu", group_size: int = 1) -> tuple[RolloutBuffer | None, RolloutStats]:
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
@@ -125,6 +154,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         step_fn: SDE step implementation (reference or fused kernel).
         timers: optional phase timers (``rollout/sample``, ``env/step``).
         device: device of the policy.
+        group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
 
     Returns:
         ``(buffer or None, stats)``.
@@ -200,6 +230,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     if not rows["step"]:
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
     buf = {k: torch.cat(v) for k, v in rows.items()}
-    labels = (2.0 * stats.episode_success.float() - 1.0).to(device)  # S4
+    labels = episode_labels(stats.episode_success, nft.baseline if nft else "none",
+                            group_size).to(device)  # S4
     y = labels[buf["episode"]]
     return RolloutBuffer(y=y, **buf), stats

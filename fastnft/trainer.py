@@ -106,9 +106,9 @@ class StepNFTTrainer:
     # -- seeds ----------------------------------------------------------------------------------------------------
     def train_seeds(self, it: int) -> list[int]:
         """This rank's episode seeds of iteration ``it`` (disjoint across ranks and iterations)."""
-        E = self.cfg.train.episodes_per_iter
-        base = self.cfg.env.train_seed + (it * self.world + self.rank) * E
-        return list(range(base, base + E))
+        E, G = self.cfg.train.episodes_per_iter, self.cfg.train.group_size
+        base = self.cfg.env.train_seed + (it * self.world + self.rank) * (E // G)
+        return [base + j // G for j in range(E)]  # G adjacent rollouts per initial state
 
     def eval_seeds(self) -> list[int]:
         """This rank's share of the held-out evaluation seeds."""
@@ -128,7 +128,7 @@ class StepNFTTrainer:
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
                                record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
-                               device=self.device)
+                               device=self.device, group_size=cfg.train.group_size)
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
@@ -151,7 +151,8 @@ class StepNFTTrainer:
         succ, eps, env_steps, rows, pos = counts.tolist()
         tm = timers.summary()
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
-               "labels/positive_share": pos / max(rows, 1), "ema/decay": decay,
+               "labels/positive_share": pos / max(rows, 1), "labels/zero_share": float((buf.y == 0).float().mean()),
+               "ema/decay": decay,
                "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/iteration_s": time.perf_counter() - t0,
                **fresh, **replay, **upd, **tm}
         pol_t = tm.get("time/rollout/sample", 0.0)
