@@ -17,9 +17,9 @@ import contextlib
 import json
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
-__all__ = ["main", "friendly_errors"]
+__all__ = ["friendly_errors", "main"]
 
 
 @contextlib.contextmanager

@@ -18,8 +18,21 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "DemoConfig", "SFTConfig", "NFTConfig", "TrainConfig",
-           "EngineConfig", "ExperimentConfig", "load_config", "config_from_dict", "config_to_dict", "apply_overrides"]
+__all__ = [
+    "ConfigError",
+    "DemoConfig",
+    "EngineConfig",
+    "EnvConfig",
+    "ExperimentConfig",
+    "NFTConfig",
+    "PolicyConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):

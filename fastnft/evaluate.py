@@ -20,8 +20,14 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.rollout import run_episodes, wilson_interval
 from fastnft.sde import flow_sde_schedule
 
-__all__ = ["all_reduce", "evaluate_policy", "write_json_atomic", "plot_success_curves", "format_table",
-           "diff_interval"]
+__all__ = [
+    "all_reduce",
+    "diff_interval",
+    "evaluate_policy",
+    "format_table",
+    "plot_success_curves",
+    "write_json_atomic",
+]
 
 
 def all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:

@@ -60,8 +60,7 @@ class MetricsWriter:
         keep = [r for r in read_jsonl(self.path) if r.get("iteration", -1) <= iteration]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in keep)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

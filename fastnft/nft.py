@@ -13,8 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossKind", "TargetKind", "BranchKind", "StepNFTTerms", "stepnft_terms", "stepnft_loss",
-           "masked_token_mean", "VAR_EPS", "DRIFT_EPS"]
+__all__ = [
+    "DRIFT_EPS",
+    "VAR_EPS",
+    "BranchKind",
+    "LossKind",
+    "StepNFTTerms",
+    "TargetKind",
+    "masked_token_mean",
+    "stepnft_loss",
+    "stepnft_terms",
+]
 
 LossKind = Literal["ranking", "wmse"]
 TargetKind = Literal["next", "x0"]

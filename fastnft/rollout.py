@@ -20,7 +20,7 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
-__all__ = ["RolloutBuffer", "RolloutStats", "run_episodes", "wilson_interval", "episode_labels"]
+__all__ = ["RolloutBuffer", "RolloutStats", "episode_labels", "run_episodes", "wilson_interval"]
 
 
 @dataclass
@@ -50,11 +50,11 @@ class RolloutBuffer:
     def __len__(self) -> int:
         return int(self.step.shape[0])
 
-    def index(self, idx: Tensor) -> "RolloutBuffer":
+    def index(self, idx: Tensor) -> RolloutBuffer:
         """Rows ``idx`` (a micro-batch)."""
         return RolloutBuffer(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
-    def to(self, device: torch.device | str) -> "RolloutBuffer":
+    def to(self, device: torch.device | str) -> RolloutBuffer:
         """Copy to ``device``."""
         return RolloutBuffer(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -8,20 +8,21 @@ This module is the single reference for these formulas: kernels, rollouts and te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "FlowSDESchedule",
-    "flow_sde_schedule",
-    "sde_step",
-    "ode_step",
     "SampleRecord",
-    "sample_actions",
     "StepFn",
+    "flow_sde_schedule",
+    "ode_step",
+    "sample_actions",
+    "sde_step",
 ]
 
 
@@ -52,7 +53,7 @@ class FlowSDESchedule:
         """K, the number of denoising steps."""
         return int(self.A.shape[0])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowSDESchedule":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlowSDESchedule:
         """Copy with every tensor moved to ``device`` / cast to ``dtype``."""
         kw = {"device": device, "dtype": dtype}
         return FlowSDESchedule(

@@ -9,8 +9,8 @@ Loss (SPEC notation): ``x_t = t eps + (1 - t) a``, target velocity ``u = eps - a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from fastnft.config import PolicyConfig, SFTConfig
 from fastnft.policies.normalizer import Normalizer
 from fastnft.policies.state_flow import StateFlowPolicy
 
-__all__ = ["ChunkDataset", "chunks_from_episodes", "flow_matching_loss", "build_policy", "train_sft"]
+__all__ = ["ChunkDataset", "build_policy", "chunks_from_episodes", "flow_matching_loss", "train_sft"]
 
 
 @dataclass

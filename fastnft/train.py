@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["main", "add_train_args", "run_train"]
+__all__ = ["add_train_args", "main", "run_train"]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -21,11 +21,11 @@ from fastnft.config import ExperimentConfig, config_to_dict
 from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
+from fastnft.evaluate import all_reduce, evaluate_policy
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
-from fastnft.evaluate import all_reduce, evaluate_policy
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
 from fastnft.update import loss_diagnostics, update_actor

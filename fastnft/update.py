@@ -6,7 +6,8 @@ solver index come from the buffer. Only the first C (executed) tokens are superv
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from fastnft.nft import masked_token_mean, stepnft_terms
 from fastnft.rollout import RolloutBuffer
 from fastnft.sde import FlowSDESchedule
 
-__all__ = ["LossFn", "nft_loss_kwargs", "buffer_loss", "loss_diagnostics", "update_actor"]
+__all__ = ["LossFn", "buffer_loss", "loss_diagnostics", "nft_loss_kwargs", "update_actor"]
 
 LossFn = Callable[..., Tensor]
 

@@ -17,8 +17,15 @@ import torch
 from fastnft.config import ExperimentConfig, config_to_dict
 from fastnft.policies.state_flow import StateFlowPolicy
 
-__all__ = ["resolve_device", "save_policy", "load_policy", "sft_checkpoint_path", "demo_path", "run_sft_stage",
-           "PolicyFileError"]
+__all__ = [
+    "PolicyFileError",
+    "demo_path",
+    "load_policy",
+    "resolve_device",
+    "run_sft_stage",
+    "save_policy",
+    "sft_checkpoint_path",
+]
 
 
 class PolicyFileError(RuntimeError):
@@ -69,7 +76,7 @@ def load_policy(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[
                               "(or pass the right --init path)")
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem means the same to the user
+    except Exception as e:
         raise PolicyFileError(f"policy file {str(p)!r} is unreadable or truncated ({type(e).__name__}: {e}); "
                               "delete it and rerun `fastnft sft`") from e
     if not isinstance(blob, dict) or "policy" not in blob:

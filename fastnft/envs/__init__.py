@@ -2,4 +2,4 @@
 
 from fastnft.envs.base import ChunkResult, StepResult, VectorEnv, make_env
 
-__all__ = ["VectorEnv", "StepResult", "ChunkResult", "make_env"]
+__all__ = ["ChunkResult", "StepResult", "VectorEnv", "make_env"]

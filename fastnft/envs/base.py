@@ -18,7 +18,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from fastnft.config import EnvConfig
 
-__all__ = ["StepResult", "ChunkResult", "VectorEnv", "make_env"]
+__all__ = ["ChunkResult", "StepResult", "VectorEnv", "make_env"]
 
 
 @dataclass
@@ -162,7 +162,7 @@ class VectorEnv(ABC):
                            success_once=self.success_once.clone())
 
 
-def make_env(cfg: "EnvConfig", num_envs: int | None = None) -> VectorEnv:
+def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
     """Build the vector env named by ``cfg.task`` (``bandit`` or a ManiSkill3 env id).
 
     Raises:

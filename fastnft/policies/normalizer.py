@@ -22,12 +22,12 @@ class Normalizer(nn.Module):
         self.register_buffer("std", std.detach().float().clamp(min=min_std).clone())
 
     @classmethod
-    def fit(cls, x: Tensor, min_std: float = 1e-2) -> "Normalizer":
+    def fit(cls, x: Tensor, min_std: float = 1e-2) -> Normalizer:
         """Estimate statistics from ``x: [M, dim]``."""
         return cls(x.float().mean(0), x.float().std(0), min_std=min_std)
 
     @classmethod
-    def identity(cls, dim: int) -> "Normalizer":
+    def identity(cls, dim: int) -> Normalizer:
         """No-op normaliser of width ``dim``."""
         return cls(torch.zeros(dim), torch.ones(dim), min_std=0.0)
 

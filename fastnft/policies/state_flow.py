@@ -163,7 +163,7 @@ class StateFlowPolicy(nn.Module):
                 "policy_cfg": asdict(self.cfg), "state_dict": self.state_dict()}
 
     @classmethod
-    def from_export(cls, blob: dict, cfg: PolicyConfig | None = None) -> "StateFlowPolicy":
+    def from_export(cls, blob: dict, cfg: PolicyConfig | None = None) -> StateFlowPolicy:
         """Rebuild from :meth:`export`. ``cfg`` (the current config) must match the saved architecture.
 
         Raises:
