@@ -199,8 +199,6 @@ class EngineConfig:
     """ZeRO stage 0-3 for the action expert (optimizer state / gradients / parameters sharded across ranks)."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """``auto``: fused Triton kernels where supported and faster (CUDA), else the PyTorch reference."""
-    cuda_graphs: bool = True
-    """Capture the rollout sampler in a CUDA graph when running on a GPU (ignored on CPU)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision of the action expert (bf16 needs a GPU)."""
 
