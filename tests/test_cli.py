@@ -17,7 +17,7 @@ TINY = ["sft.steps=30", "sft.num_demos=256", "env.num_envs=64", "train.episodes_
         "train.eval_episodes=64", "policy.width=32", "policy.heads=2", "train.micro_batch=64"]
 
 
-def fastnft(*args, tmp: Path, extra=(), check=True, timeout=300):
+def fastnft(*args, tmp: Path, extra=(), check=True, timeout=900):
     sets = []
     for kv in [f"run_dir={tmp / 'run'}", f"data_dir={tmp / 'data'}", *TINY, *extra]:
         sets += ["--set", kv]
@@ -97,7 +97,7 @@ def test_kill_9_then_resume(sft_tmp):
            *sets]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while time.time() < deadline:
         ck = list_checkpoints(run)
         if ck and ck[-1][0] >= 3:
@@ -134,7 +134,7 @@ def test_two_ranks_torchrun_zero2(sft_tmp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "fastnft.train", "--no-progress", "--config", "configs/bandit_stepnft.yaml",
            *sets]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("final held-out success") == 1, "only rank 0 reports"
     train = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
