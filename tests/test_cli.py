@@ -89,7 +89,7 @@ def test_unknown_task_is_a_clear_error(sft_tmp):
 
 def test_kill_9_then_resume(sft_tmp):
     run = sft_tmp / "resume"
-    extra = [f"run_dir={run}", "train.iterations=8", "train.checkpoint_every=1", "train.eval_every=4"]
+    extra = [f"run_dir={run}", "train.iterations=60", "train.checkpoint_every=1", "train.eval_every=30"]
     sets = []
     for kv in [f"data_dir={sft_tmp / 'data'}", *TINY, *extra]:
         sets += ["--set", kv]
@@ -102,20 +102,20 @@ def test_kill_9_then_resume(sft_tmp):
         ck = list_checkpoints(run)
         if ck and ck[-1][0] >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = list_checkpoints(run)[-1][0]
-    assert 3 <= killed_at < 8, f"kill landed at iteration {killed_at}; the test needs a mid-run kill"
+    assert 3 <= killed_at < 60, f"kill landed at iteration {killed_at}; the test needs a mid-run kill"
     it, _ = load_latest(run)
     assert it >= 3
     out = fastnft("train", "--resume", "--no-progress", tmp=sft_tmp, extra=extra)
     assert "held-out success" in out.stdout
     recs = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     iters = [r["iteration"] for r in recs]
-    assert iters == list(range(1, 9)), f"metrics after resume: {iters}"
+    assert iters == list(range(1, 61)), f"metrics after resume: {iters}"
     final_it, state = load_latest(run)
-    assert final_it == 8 and state["history"][-1]["iteration"] == 8
+    assert final_it == 60 and state["history"][-1]["iteration"] == 60
 
 
 @pytest.mark.distributed
@@ -142,3 +142,14 @@ def test_two_ranks_torchrun_zero2(sft_tmp):
     assert all(r["rollout/episodes"] == 2 * 64 for r in train), "episodes must be summed over both ranks"
     it, state = load_latest(run)
     assert it == 2 and len(state["rng"]) == 2
+
+
+def test_child_of_a_training_process_gets_its_own_world(sft_tmp):
+    """A process that already made a single-process world (as the bandit test does in pytest) exports RANK,
+    WORLD_SIZE and MASTER_PORT; a `fastnft` child must not take them for a launch and reuse the parent's port."""
+    from fastnft.engine import dist as fdist
+
+    fdist.init_distributed()
+    assert os.environ.get("MASTER_PORT") and os.environ.get("WORLD_SIZE") == "1"
+    out = fastnft("train", "--dry-run", tmp=sft_tmp, extra=[f"run_dir={sft_tmp / 'child'}"])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["dry_run"] == "ok"

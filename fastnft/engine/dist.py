@@ -61,6 +61,11 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# Set next to the launcher variables when this module made a single-process world itself, so that a child process
+# that inherits the environment can tell them from a real launch.
+_OWNER_VAR = "FASTNFT_SINGLE_PROCESS_PID"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -87,14 +92,23 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     if is_initialized():
         return rank(), world_size()
     ensure_extensions_dir()
+    owner = os.environ.pop(_OWNER_VAR, None)
+    if owner is not None and owner != f"{os.getpid()}:{os.environ.get('MASTER_PORT')}" \
+            and owner.endswith(f":{os.environ.get('MASTER_PORT')}") and os.environ.get("WORLD_SIZE") == "1":
+        # Inherited unchanged from a parent that made its own single-process world (a script or test that trains,
+        # then starts `fastnft ...`): not a launch of this process, and MASTER_PORT is the parent's, in use.
+        # A launcher (torchrun, deepspeed) sets its own MASTER_PORT, which keeps its variables.
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
     present = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
     if len(present) == 1:
         raise RuntimeError(f"only {present[0]} is set in the environment; a distributed launch needs both RANK and "
                            "WORLD_SIZE. Launch with `deepspeed --num_gpus N --module fastnft.train ...` or "
                            "`torchrun --nproc_per_node N ...`, or unset it for a single process.")
     if not present:  # one plain process: a world of size 1 on localhost
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        port = str(_free_port())
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                          **{_OWNER_VAR: f"{os.getpid()}:{port}"})
     else:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
