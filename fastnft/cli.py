@@ -4,7 +4,7 @@
     fastnft demos --config configs/pickcube_stepnft.yaml         # motion-planned demonstrations
     fastnft sft --config configs/pickcube_stepnft.yaml           # few-shot flow-matching SFT
     fastnft train --config configs/pickcube_stepnft.yaml [--resume] [--dry-run]
-    fastnft eval --config configs/pickcube_stepnft.yaml --policy data/sft/....pt
+    fastnft eval --config configs/pickcube_stepnft.yaml [--policy data/sft/....pt | --run runs/pickcube_stepnft]
 
 Every command takes ``--set section.key=value`` overrides. Errors in the input (config, checkpoint, flags, missing
 simulator) exit with status 2 and one message that names the problem and the fix.
@@ -79,14 +79,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
     from fastnft.envs import make_env
     from fastnft.evaluate import evaluate_policy
-    from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
+    from fastnft.workflow import load_policy, load_run_policy, resolve_device, sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
     n = args.episodes or cfg.train.eval_episodes
     env = make_env(cfg.env)  # first: an unknown task or a missing simulator is the first thing to report
     try:
-        policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
+        if args.run:
+            policy, it = load_run_policy(args.run, cfg)
+            print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)
+        else:
+            policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
         policy.to(device)
         res = evaluate_policy(policy, env, [cfg.env.eval_seed + j for j in range(n)], cfg.policy.num_steps,
                               device=device, seed=cfg.train.seed)
@@ -126,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="held-out success rate of a policy file (ODE sampling)")
     _common(e)
-    e.add_argument("--policy", default=None, help="policy file (default: the config's SFT policy)")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--policy", default=None, help="policy file (default: the config's SFT policy)")
+    src.add_argument("--run", default=None, help="a training run directory: evaluate its latest EMA policy")
     e.add_argument("--episodes", type=int, default=None, help="held-out episodes (default train.eval_episodes)")
     e.set_defaults(func=_cmd_eval)
     pl = sub.add_parser("pipeline", help="demos -> SFT -> StepNFT -> evaluation -> report")

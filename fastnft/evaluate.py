@@ -1,6 +1,6 @@
 """Success-rate evaluation (deterministic Euler ODE sampling, SPEC S2c), reports and plots.
 
-    fastnft eval --config configs/pickcube_stepnft.yaml --policy runs/pickcube_stepnft/policy_final.pt
+    fastnft eval --config configs/pickcube_stepnft.yaml --run runs/pickcube_stepnft   # or --policy FILE
 """
 
 from __future__ import annotations

@@ -189,6 +189,11 @@ class StepNFTTrainer:
             if done % cfg.checkpoint_every == 0 or last:
                 self._save(done)
         self.metrics.close()
+        if self.engine.is_main:
+            from fastnft.workflow import save_policy
+
+            save_policy(self.run_dir / "policy_final.pt", self.ema.module,  # type: ignore[arg-type]
+                        {"task": self.cfg.env.task, "iteration": self.cfg.train.iterations, "kind": "stepnft_ema"})
         return self.history
 
     @property

@@ -159,3 +159,32 @@ def load_demo_episodes(cfg: ExperimentConfig) -> list[tuple[Any, Any]]:
     path = demo_file(demo_path(cfg), cfg.env.task, cfg.env.control_mode)
     ds = load_demos(path, env_id=cfg.env.task, control_mode=cfg.env.control_mode)
     return [(ep.obs, ep.actions) for ep in ds.episodes]
+
+
+def load_run_policy(run_dir: str | Path, cfg: ExperimentConfig,
+                    init: str | Path | None = None) -> tuple[StateFlowPolicy, int]:
+    """The EMA (rollout/deployed) policy of a training run's latest checkpoint.
+
+    Starts from the run's initial policy file (``init``, default the config's SFT output, which carries the
+    normalisers) and loads the checkpoint's EMA weights into it.
+
+    Returns:
+        ``(policy, iteration)``.
+
+    Raises:
+        PolicyFileError: no checkpoint in ``run_dir``, or the initial policy file is missing.
+        fastnft.engine.CheckpointError: the checkpoint was written for another config.
+    """
+    from fastnft.engine import config_fingerprint, load_latest
+
+    found = load_latest(run_dir, fingerprint=config_fingerprint(cfg), required_keys=("ema",))
+    if found is None:
+        raise PolicyFileError(f"no checkpoint in {str(run_dir)!r}; train first (`fastnft train`) or pass --policy")
+    it, state = found
+    policy, _ = load_policy(init or sft_checkpoint_path(cfg), cfg)
+    params = state["ema"]["params"]
+    missing = [n for n in params if n not in dict(policy.named_parameters())]
+    if missing:
+        raise PolicyFileError(f"checkpoint in {str(run_dir)!r} has parameters {missing[:3]} the policy lacks")
+    policy.load_state_dict(params, strict=False)
+    return policy, it

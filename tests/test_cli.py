@@ -50,6 +50,12 @@ def test_pipeline_smoke_one_iteration(sft_tmp):
         assert key in train[0], key
     assert list((sft_tmp / "run" / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert list_checkpoints(sft_tmp / "run")
+    # the final EMA policy: as a policy file and from the run's checkpoint, with the same held-out result
+    assert (sft_tmp / "run" / "policy_final.pt").is_file()
+    a = json.loads(fastnft("eval", "--run", str(sft_tmp / "run"), tmp=sft_tmp).stdout.strip().splitlines()[-1])
+    b = json.loads(fastnft("eval", "--policy", str(sft_tmp / "run" / "policy_final.pt"),
+                           tmp=sft_tmp).stdout.strip().splitlines()[-1])
+    assert a == b and a["success_rate"] == report["stepnft"]["success_rate"]
 
 
 def test_dry_run_builds_and_exits(sft_tmp):
