@@ -33,6 +33,14 @@ def _cfg() -> ExperimentConfig:
     return load_config("configs/pickcube_stepnft.yaml", [f"env.num_envs={N_ENVS}"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _keep_torch_threads():
+    # DeepSpeed / ManiSkill start-up lowers torch's intra-op threads; restore them for the benchmarks that follow
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env():
     ms = pytest.importorskip("fastnft.envs.maniskill")
