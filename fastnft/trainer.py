@@ -139,7 +139,7 @@ class StepNFTTrainer:
         with timers.range("actor/update"):
             upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
-                               loss_fn=self.loss_fn, generator=self.gen, world_size=self.world)
+                               loss_fn=self.loss_fn, generator=self.gen)
         replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/")
         T = cfg.train.ema_horizon or cfg.train.iterations
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)

@@ -91,13 +91,12 @@ def loss_diagnostics(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESc
 
 
 def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int, *,
-                 update_epochs: int, micro_batch: int, loss_fn: LossFn, generator: torch.Generator,
-                 world_size: int = 1) -> dict[str, float]:
+                 update_epochs: int, micro_batch: int, loss_fn: LossFn,
+                 generator: torch.Generator) -> dict[str, float]:
     """Update epochs x shuffled micro-batches; one optimizer step per micro-batch.
 
-    With several ranks each rank steps on its own buffer; every rank must take the same number of steps (DeepSpeed
-    averages gradients collectively), so the step count per epoch is ``ceil(M_min / micro_batch)`` where
-    ``M_min`` is the smallest buffer over ranks (passed in by the caller through ``len(buf)`` after trimming).
+    With several ranks each rank steps on its own buffer. Every rank must take the same number of steps (DeepSpeed
+    averages gradients collectively), so the caller trims all buffers to the smallest one first.
 
     Returns:
         Mean loss, mean grad norm and step count.
