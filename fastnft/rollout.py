@@ -20,7 +20,7 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
-__all__ = ["RolloutBuffer", "RolloutStats", "episode_labels", "run_episodes", "wilson_interval"]
+__all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "episode_labels", "run_episodes", "wilson_interval"]
 
 
 @dataclass
@@ -127,6 +127,32 @@ def episode_labels(success: Tensor, baseline: str = "none", group_size: int = 1)
     raise ValueError(f"baseline must be 'none', 'batch' or 'group', got {baseline!r}")
 
 
+def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Per-episode labels of a control run (issue 6): the real ones, permuted, or zeros.
+
+    Args:
+        labels: ``[E]`` float32 per-episode labels from :func:`episode_labels`.
+        mode: ``none`` (returned unchanged), ``shuffled`` (a random permutation across the E episodes, drawn
+            from ``generator``: the same label distribution with no relation to the injected noise), or ``zero``
+            (all 0: the ranking term has no gradient, only the KL term and the EMA move the policy, S7).
+        generator: RNG for the permutation (the rollout's generator, so runs stay reproducible).
+
+    Returns:
+        ``[E]`` float32 on ``labels``' device.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode == "none":
+        return labels
+    if mode == "shuffled":
+        perm = torch.randperm(labels.numel(), generator=generator)
+        return labels[perm.to(labels.device)]
+    if mode == "zero":
+        return torch.zeros_like(labels)
+    raise ValueError(f"label control must be 'none', 'shuffled' or 'zero', got {mode!r}")
+
+
 def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator) -> Tensor:
     """``[n, per_call]`` distinct solver indices per call (S3: uniform, fixed across update epochs)."""
     if fixed is not None:
@@ -138,7 +164,8 @@ def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.G
 def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
-                 device: torch.device | str = "cpu", group_size: int = 1) -> tuple[RolloutBuffer | None, RolloutStats]:
+                 device: torch.device | str = "cpu", group_size: int = 1,
+                 label_control: str = "none") -> tuple[RolloutBuffer | None, RolloutStats]:
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
@@ -155,6 +182,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         timers: optional phase timers (``rollout/sample``, ``env/step``).
         device: device of the policy.
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
+        label_control: ``none`` | ``shuffled`` | ``zero``, see :func:`control_labels` (control experiments).
 
     Returns:
         ``(buffer or None, stats)``.
@@ -230,7 +258,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     if not rows["step"]:
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
     buf = {k: torch.cat(v) for k, v in rows.items()}
-    labels = episode_labels(stats.episode_success, nft.baseline if nft else "none",
-                            group_size).to(device)  # S4
+    labels = episode_labels(stats.episode_success, nft.baseline if nft else "none", group_size)  # S4
+    labels = control_labels(labels, label_control, generator).to(device)
     y = labels[buf["episode"]]
     return RolloutBuffer(y=y, **buf), stats

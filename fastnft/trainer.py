@@ -28,7 +28,7 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
-from fastnft.update import loss_diagnostics, update_actor
+from fastnft.update import gradient_signal, loss_diagnostics, update_actor
 
 __all__ = ["StepNFTTrainer"]
 
@@ -128,7 +128,8 @@ class StepNFTTrainer:
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
                                record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
-                               device=self.device, group_size=cfg.train.group_size)
+                               device=self.device, group_size=cfg.train.group_size,
+                               label_control=cfg.train.label_control)
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
@@ -136,6 +137,13 @@ class StepNFTTrainer:
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen)[: int(m)].to(buf.step.device))
         fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/")
+        if cfg.train.diagnostics and self.engine.zero_stage < 3:
+            with timers.range("actor/diagnostics"):
+                fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C,
+                                             self.loss_fn, self.gen))
+        lr = cfg.train.lr * (min(1.0, (it + 1) / cfg.train.lr_warmup) if cfg.train.lr_warmup else 1.0)
+        self.engine.set_lr(lr)
+        fresh["update/lr"] = lr
         with timers.range("actor/update"):
             upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,

@@ -89,3 +89,19 @@ def test_wilson_interval_brackets_rate():
     lo, hi = wilson_interval(74, 200)
     assert lo < 0.37 < hi and 0.30 < lo and hi < 0.44
     assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_control_labels_shuffle_keeps_distribution_and_zero_clears():
+    """Issue 6 controls: shuffled labels are a permutation of the real ones (same distribution, new order); zero
+    labels are all 0; none returns the labels untouched; an unknown mode is refused."""
+    from fastnft.rollout import control_labels
+
+    y = torch.tensor([1.0, -1.0, 0.5, -0.25, 0.0, 0.75, -0.5, 1.0])
+    g = torch.Generator().manual_seed(3)
+    s = control_labels(y, "shuffled", g)
+    assert torch.equal(s.sort().values, y.sort().values)
+    assert not torch.equal(s, y)
+    assert torch.equal(control_labels(y, "zero", g), torch.zeros_like(y))
+    assert control_labels(y, "none", g) is y
+    with pytest.raises(ValueError, match="label control"):
+        control_labels(y, "flip", g)

@@ -149,6 +149,17 @@ class ActorEngine:
         opt = self.engine.optimizer
         return getattr(opt, "optimizer", opt)
 
+    def set_lr(self, lr: float) -> None:
+        """Set the AdamW learning rate of every parameter group (warm-up schedules call it per iteration).
+
+        Raises:
+            ValueError: ``lr`` is negative or not finite.
+        """
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"set_lr: learning rate must be a finite float >= 0, got {lr!r}")
+        for g in self._base_optimizer().param_groups:
+            g["lr"] = lr
+
     # ------------------------------------------------------------------------------------------------------
     def train_step(self, loss: torch.Tensor) -> dict[str, float]:
         """Backward ``loss`` (a scalar: the mean over this rank's micro-batch), average gradients over ranks,
