@@ -1,10 +1,11 @@
-"""``fastnft`` command line: demos | sft | train | eval | pipeline.
+"""``fastnft`` command line: demos | sft | train | eval | pipeline | grid.
 
     fastnft pipeline --config configs/pickcube_stepnft.yaml      # the main job, end to end
     fastnft demos --config configs/pickcube_stepnft.yaml         # motion-planned demonstrations
     fastnft sft --config configs/pickcube_stepnft.yaml           # few-shot flow-matching SFT
     fastnft train --config configs/pickcube_stepnft.yaml [--resume] [--dry-run]
     fastnft eval --config configs/pickcube_stepnft.yaml [--policy data/sft/....pt | --run runs/pickcube_stepnft]
+    fastnft grid --spec configs/grid_pickcube.yaml [--list | --summarize | --only RUN]   # the evidence grid
 
 Every command takes ``--set section.key=value`` overrides. Errors in the input (config, checkpoint, flags, missing
 simulator) exit with status 2 and one message that names the problem and the fix.
@@ -93,7 +94,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
         policy.to(device)
         res = evaluate_policy(policy, env, [cfg.env.eval_seed + j for j in range(n)], cfg.policy.num_steps,
-                              device=device, seed=cfg.train.seed)
+                              device=device, seed=0)  # the trainer's evaluation noise: comparable numbers
     finally:
         env.close()
     print(json.dumps(res))
@@ -109,6 +110,25 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
         if a not in ABLATIONS:
             raise ValueError(f"unknown ablation {a!r} in --ablations; choose from {', '.join(ABLATIONS)} or 'all'")
     run_pipeline(cfg, ablations=abl, resume=args.resume, progress=not args.no_progress)
+
+
+def _cmd_grid(args: argparse.Namespace) -> None:
+    from fastnft.grid import grid_runs, load_grid_spec, result_path, run_grid, summarize_grid
+
+    spec = load_grid_spec(args.spec)
+    if args.list:
+        for r in grid_runs(spec):
+            print(f"{r.run_id:40s} {'done' if result_path(spec, r.run_id).exists() else 'missing'}")
+        return
+    if not args.summarize:
+        run_grid(spec, only=args.only or None, force=args.force, progress=not args.no_progress)
+    s = summarize_grid(spec)
+    print(f"grid: {s['runs_finished']}/{s['runs_total']} runs finished; summary in {spec.results_dir}/summary.json")
+    for arm, a in s["arms"].items():
+        g = a["gain_points"]
+        ci = g.get("ci95")
+        ci_s = f" (95 % CI {ci[0]:+.1f} .. {ci[1]:+.1f})" if ci else ""
+        print(f"  {arm:10s} {g['n']} runs, mean gain {g.get('mean', float('nan')):+.1f} points{ci_s}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "negative_only, ode_rollouts) or 'all', each from the same SFT start")
     pl.add_argument("--resume", action="store_true", help="resume each training run from its checkpoint")
     pl.set_defaults(func=_cmd_pipeline)
+    g = sub.add_parser("grid", help="the evidence grid: StepNFT, controls and GRPO over starts and seeds")
+    g.add_argument("--spec", required=True, help="grid YAML (configs/grid_pickcube.yaml)")
+    g.add_argument("--only", action="append", default=[], metavar="RUN", help="run only this run id (repeatable)")
+    g.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
+    g.add_argument("--list", action="store_true", help="list the runs and whether each has finished")
+    g.add_argument("--summarize", action="store_true", help="only rebuild summary.json and the plot")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g.set_defaults(func=_cmd_grid)
     return p
 
 

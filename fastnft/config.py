@@ -172,6 +172,10 @@ class NFTConfig:
     """Supervised solver index: ``random`` (U{0..K-1} per sample, S3) or ``fixed:j``."""
     steps_per_call: int = 1
     """Solver transitions stored per policy call (1 = the paper; up to K records several distinct steps)."""
+    score: Literal["success", "dense"] = "success"
+    """Episode outcome behind the labels (S4): ``success`` (0/1, the paper) or ``dense``, a soft score in [0, 1]
+    from the env's per-step reward in [0, 1] (ManiSkill ``normalized_dense``), with the steps after a success
+    counted at reward 1 (``fastnft.rollout.dense_episode_score``). Dense grades failures by how far they got."""
     baseline: Literal["none", "batch", "group"] = "none"
     """Label baseline (S4 soft score): ``none`` y = 2s - 1 (the paper); ``batch`` y = s - mean(s) over the
     iteration; ``group`` y = s - mean of the ``train.group_size`` rollouts from the same initial state."""

@@ -20,7 +20,7 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
-__all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "episode_labels", "run_episodes", "wilson_interval"]
+__all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "dense_episode_score", "episode_labels", "run_episodes", "wilson_interval"]
 
 
 @dataclass
@@ -70,6 +70,7 @@ class RolloutStats:
         policy_calls: stored policy calls (active envs only).
         episode_success: ``[episodes]`` bool per episode, in seed order.
         episode_steps: ``[episodes]`` int64 env steps per episode.
+        episode_score: ``[episodes]`` float32 dense score in [0, 1] per episode (:func:`dense_episode_score`).
         time: seconds per phase (``rollout/sample``, ``env/step``).
     """
 
@@ -79,6 +80,7 @@ class RolloutStats:
     policy_calls: int = 0
     episode_success: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     episode_steps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    episode_score: Tensor = field(default_factory=lambda: torch.zeros(0))
     time: dict = field(default_factory=dict)
 
     @property
@@ -96,6 +98,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, c - h), min(1.0, c + h)
+
+
+def dense_episode_score(ret: Tensor, steps: Tensor, success: Tensor, max_steps: int) -> Tensor:
+    """Soft episode score r in [0, 1] from a per-step reward in [0, 1] (ManiSkill's ``normalized_dense``), SPEC S4.
+
+    ``r = (sum of rewards + (max_steps - steps) * success) / max_steps``: an episode that succeeds ends there, so
+    its remaining steps count at the success reward 1. Success therefore scores highest, earlier success higher,
+    and a failure scores by how far it got (reach, grasp, lift). Same formulas as S4's binary score (``y = 2r - 1``
+    or ``r - group mean``); it only grades the outcome more finely than one bit.
+
+    Args:
+        ret: ``[E]`` float32 summed reward of each episode over its active steps.
+        steps: ``[E]`` int64 env steps each episode ran.
+        success: ``[E]`` bool success at any step.
+        max_steps: the episode length limit.
+
+    Returns:
+        ``[E]`` float32, clamped to [0, 1].
+    """
+    pad = (max_steps - steps).clamp(min=0).float() * success.float()
+    return ((ret.float() + pad) / max_steps).clamp(0.0, 1.0)
 
 
 def episode_labels(success: Tensor, baseline: str = "none", group_size: int = 1) -> Tensor:
@@ -196,7 +219,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     per_call = nft.steps_per_call if nft else 1
     fixed = nft.fixed_step() if nft else None
     rows: dict[str, list[Tensor]] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
-    ep_success, ep_steps = [], []
+    ep_success, ep_steps, ep_score = [], [], []
     stats = RolloutStats()
     n_rounds = math.ceil(len(seeds) / N)
     sch = schedule.to(device=device, dtype=torch.float32)
@@ -207,6 +230,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         with timers.range("env/reset"):
             obs = env.reset(round_seeds)
         steps = torch.zeros(N, dtype=torch.long)
+        ret = torch.zeros(N)
         ep_base = r * N
         max_calls = math.ceil(env.max_episode_steps / C)
         for _ in range(max_calls):
@@ -242,13 +266,16 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
             with timers.range("env/step"):
                 res = env.step_chunk(actions)
             steps += res.steps
+            ret += res.reward.float()
             obs = res.obs
         succ = env.success_once[:n_real].clone()
         ep_success.append(succ)
         ep_steps.append(steps[:n_real])
+        ep_score.append(dense_episode_score(ret[:n_real], steps[:n_real], succ, env.max_episode_steps))
         stats.env_steps += int(steps[:n_real].sum())
     stats.episode_success = torch.cat(ep_success) if ep_success else stats.episode_success
     stats.episode_steps = torch.cat(ep_steps) if ep_steps else stats.episode_steps
+    stats.episode_score = torch.cat(ep_score) if ep_score else stats.episode_score
     stats.episodes = int(stats.episode_success.numel())
     stats.successes = int(stats.episode_success.sum())
     stats.time = timers.summary(reset=False)
@@ -258,7 +285,8 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     if not rows["step"]:
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
     buf = {k: torch.cat(v) for k, v in rows.items()}
-    labels = episode_labels(stats.episode_success, nft.baseline if nft else "none", group_size)  # S4
+    outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
+    labels = episode_labels(outcome, nft.baseline if nft else "none", group_size)  # S4
     labels = control_labels(labels, label_control, generator).to(device)
     y = labels[buf["episode"]]
     return RolloutBuffer(y=y, **buf), stats

@@ -86,8 +86,10 @@ def flow_matching_loss(policy: StateFlowPolicy, obs: Tensor, actions: Tensor, is
     a = policy.normalize_actions(actions)
     B = a.shape[0]
     dev = a.device
-    beta = torch.distributions.Beta(torch.tensor(1.5, device=dev), torch.tensor(1.0, device=dev))
-    t = 0.999 * beta.sample((B,)) + 0.001
+    # Beta(1.5, 1) by inversion (its CDF is x^1.5), so that t comes from ``generator`` too: torch's Beta sampler
+    # draws from the global RNG, which made SFT depend on whatever ran before it in the process.
+    u = torch.rand(B, generator=generator, device=dev)
+    t = 0.999 * u.pow(1.0 / 1.5) + 0.001
     eps = torch.randn(a.shape, generator=generator, device=dev)
     x_t = t.view(B, 1, 1) * eps + (1 - t.view(B, 1, 1)) * a
     u = eps - a
@@ -98,11 +100,17 @@ def flow_matching_loss(policy: StateFlowPolicy, obs: Tensor, actions: Tensor, is
     return (err * w).sum() / w.sum().clamp(min=1.0)
 
 
-def build_policy(data: ChunkDataset, cfg: PolicyConfig) -> StateFlowPolicy:
-    """A fresh policy with observation/action normalisers fitted on ``data``."""
+def build_policy(data: ChunkDataset, cfg: PolicyConfig, seed: int = 0) -> StateFlowPolicy:
+    """A fresh policy with observation/action normalisers fitted on ``data``.
+
+    The initial weights come from ``seed`` alone (a forked global RNG), not from whatever state the process's
+    global RNG is in: the same data, config and seed give the same initial policy in any process.
+    """
     obs_norm = Normalizer.fit(data.obs)
     act_norm = Normalizer.fit(data.actions[~data.is_pad])
-    return StateFlowPolicy(data.obs.shape[1], data.actions.shape[2], cfg, obs_norm, act_norm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return StateFlowPolicy(data.obs.shape[1], data.actions.shape[2], cfg, obs_norm, act_norm)
 
 
 def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, device: torch.device | str = "cpu",
@@ -112,7 +120,6 @@ def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, devic
     Returns:
         The running mean of the loss every ``log_every`` steps.
     """
-    torch.manual_seed(cfg.seed)
     policy.to(device).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -124,7 +131,7 @@ def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, devic
     bar = tqdm(range(cfg.steps), desc="sft", disable=not progress, mininterval=2.0)
     for step in bar:
         idx = torch.randint(0, M, (min(cfg.batch_size, M),), generator=g).to(device)
-        loss = flow_matching_loss(policy, obs[idx], act[idx], pad[idx])
+        loss = flow_matching_loss(policy, obs[idx], act[idx], pad[idx], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -33,6 +33,11 @@ from fastnft.update import gradient_signal, loss_diagnostics, update_actor
 __all__ = ["StepNFTTrainer"]
 
 
+def _eval_metrics(ev: dict) -> dict[str, float]:
+    """The scalar entries of an evaluation (the per-episode outcome list stays in the history only)."""
+    return {f"eval/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
+
+
 class StepNFTTrainer:
     """Online π-StepNFT fine-tuning of a flow policy.
 
@@ -116,9 +121,12 @@ class StepNFTTrainer:
         return [self.cfg.env.eval_seed + j for j in range(n) if j % self.world == self.rank]
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out success rate of the EMA policy (the policy that would be deployed)."""
+        """Held-out success rate of the EMA policy (the policy that would be deployed).
+
+        The sampler noise is the same for every run and seed (``seed=0``), so runs from one start evaluate their
+        start identically and their final policies can be compared episode by episode."""
         return evaluate_policy(self.ema.module, self.env, self.eval_seeds(), self.cfg.policy.num_steps,
-                               device=self.device, seed=self.cfg.train.seed)
+                               device=self.device, seed=0)  # same noise for every run: paired comparisons
 
     # -- one iteration ----------------------------------------------------------------------------------------------
     def iteration(self, it: int) -> dict[str, float]:
@@ -179,7 +187,7 @@ class StepNFTTrainer:
         if self.start_iter == 0 and not self.history:
             ev = self.evaluate()
             self.history.append({"iteration": 0, **ev})
-            self.metrics.log(0, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
+            self.metrics.log(0, _eval_metrics(ev), kind="eval")
         bar = tqdm(range(self.start_iter, cfg.iterations), desc="stepnft", initial=self.start_iter,
                    total=cfg.iterations, disable=not (self.progress and self.engine.is_main), mininterval=1.0)
         for it in bar:
@@ -191,7 +199,7 @@ class StepNFTTrainer:
             if (cfg.eval_every and done % cfg.eval_every == 0) or last:
                 ev = self.evaluate()
                 self.history.append({"iteration": done, **ev})
-                self.metrics.log(done, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
+                self.metrics.log(done, _eval_metrics(ev), kind="eval")
                 postfix["eval"] = f"{ev['success_rate']:.2f}"
             bar.set_postfix(postfix)
             if done % cfg.checkpoint_every == 0 or last:

@@ -138,7 +138,7 @@ def run_sft_stage(cfg: ExperimentConfig, *, force: bool = False, progress: bool 
             raise PolicyFileError(f"sft.num_demos={cfg.sft.num_demos} but only {len(episodes)} demonstrations exist "
                                   f"in {demo_path(cfg)}; raise demos.num_demos and rerun `fastnft demos`")
         data = chunks_from_episodes(episodes[: cfg.sft.num_demos], cfg.policy.horizon)
-    policy = build_policy(data, cfg.policy)
+    policy = build_policy(data, cfg.policy, seed=cfg.sft.seed)
     device = resolve_device(cfg.device)
     t0 = time.time()
     losses = train_sft(policy, data, cfg.sft, device=device, progress=progress)

@@ -105,3 +105,17 @@ def test_control_labels_shuffle_keeps_distribution_and_zero_clears():
     assert control_labels(y, "none", g) is y
     with pytest.raises(ValueError, match="label control"):
         control_labels(y, "flip", g)
+
+
+def test_dense_episode_score_orders_outcomes():
+    """S4 soft score: success beats any failure, earlier success beats later, a failure that got further beats one
+    that did not; all in [0, 1]."""
+    from fastnft.rollout import dense_episode_score
+
+    ret = torch.tensor([20.0, 40.0, 30.0, 10.0])
+    steps = torch.tensor([30, 60, 100, 100])
+    succ = torch.tensor([True, True, False, False])
+    r = dense_episode_score(ret, steps, succ, 100)
+    assert torch.allclose(r, torch.tensor([0.9, 0.8, 0.3, 0.1]))
+    assert r[1] > r[2] > r[3] and r[0] > r[1]
+    assert float(dense_episode_score(torch.tensor([500.0]), torch.tensor([100]), torch.tensor([False]), 100)) == 1.0

@@ -1,0 +1,351 @@
+"""The evidence grid of issue 6: StepNFT, label controls and the Flow-GRPO reference over several SFT starts and RL
+seeds, one command, one JSON per finished run, a summary with intervals and a plot.
+
+    fastnft grid --spec configs/grid_pickcube.yaml            # run every missing run, then summarise
+    fastnft grid --spec configs/grid_pickcube.yaml --list     # the runs and whether their result exists
+    fastnft grid --spec configs/grid_pickcube.yaml --only d65__stepnft__s0 --only d65__shuffled__s0
+    fastnft grid --spec configs/grid_pickcube.yaml --summarize
+
+A run is ``<start>__<arm>__s<seed>``: the SFT start (a set of overrides, e.g. a demo count), the arm (StepNFT, a
+label control, GRPO: more overrides) and the RL seed (``train.seed``). Each finished run writes
+``<results_dir>/runs/<run>.json`` atomically and is skipped on the next call, so the grid can be split over
+sessions and a kill loses at most the run in progress (which resumes from its checkpoints).
+
+Every evaluation of a run uses the same held-out seeds and the same per-episode sampler noise
+(:func:`fastnft.evaluate.evaluate_policy`), so gains are paired per episode (:func:`paired_diff_interval`).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
+from fastnft.evaluate import paired_diff_interval, write_json_atomic
+
+__all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "run_grid", "summarize_grid"]
+
+
+@dataclass
+class GridArm:
+    """One arm of the grid (an algorithm or a control) run at some starts with some seeds."""
+
+    name: str
+    """Arm name (``stepnft``, ``shuffled``, ``zero``, ``grpo``, ...); part of the run id."""
+    seeds: list[int]
+    """RL seeds (``train.seed``) of this arm."""
+    starts: list[str] | None = None
+    """Start names this arm runs at; None = every start."""
+    overrides: list[str] = field(default_factory=list)
+    """``section.key=value`` overrides of this arm (e.g. ``train.label_control=shuffled``, ``algo=grpo``)."""
+
+
+@dataclass
+class GridSpec:
+    """A grid: a base config, common overrides, SFT starts and arms."""
+
+    base_config: str
+    """The experiment YAML every run starts from (``configs/pickcube_stepnft.yaml``)."""
+    results_dir: str
+    """Folder of the committed evidence: ``runs/<run>.json``, ``summary.json``, ``curves.png``."""
+    run_root: str
+    """Folder of the runs' working directories (checkpoints, metrics); not committed."""
+    overrides: list[str]
+    """Overrides applied to every run (e.g. the iteration budget)."""
+    starts: dict[str, list[str]]
+    """Start name -> overrides that select its SFT policy (e.g. ``sft.num_demos=30``)."""
+    arms: list[GridArm]
+    """The arms."""
+
+
+@dataclass
+class GridRun:
+    """One run of the grid."""
+
+    run_id: str
+    start: str
+    arm: str
+    seed: int
+    overrides: list[str]
+
+
+def _str_list(v: Any, key: str) -> list[str]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"grid spec key '{key}': expected a list of 'section.key=value' strings, got {v!r}")
+    return v
+
+
+def load_grid_spec(path: str | Path) -> GridSpec:
+    """Read a grid YAML (see ``configs/grid_pickcube.yaml``).
+
+    Raises:
+        ConfigError: missing file, unknown or missing keys, wrong types, an arm naming an unknown start.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"grid spec {str(p)!r} does not exist; pass e.g. --spec configs/grid_pickcube.yaml")
+    data = yaml.safe_load(p.read_text()) or {}
+    known = {"base_config", "results_dir", "run_root", "overrides", "starts", "arms"}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"grid spec {str(p)!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    for k in ("base_config", "results_dir", "run_root", "starts", "arms"):
+        if k not in data:
+            raise ConfigError(f"grid spec {str(p)!r}: missing key '{k}'")
+    starts = data["starts"]
+    if not isinstance(starts, dict) or not starts:
+        raise ConfigError("grid spec key 'starts': expected a mapping start name -> list of overrides")
+    starts = {str(k): _str_list(v, f"starts.{k}") for k, v in starts.items()}
+    arms = []
+    for j, a in enumerate(data["arms"] or []):
+        if not isinstance(a, dict) or "name" not in a or "seeds" not in a:
+            raise ConfigError(f"grid spec key 'arms[{j}]': needs 'name' and 'seeds' (and optional 'starts', "
+                              "'overrides')")
+        bad = set(a) - {"name", "seeds", "starts", "overrides"}
+        if bad:
+            raise ConfigError(f"grid spec key 'arms[{j}]': unknown keys {sorted(bad)}")
+        st = a.get("starts")
+        if st is not None:
+            missing = [s for s in st if s not in starts]
+            if missing:
+                raise ConfigError(f"grid spec arm {a['name']!r} names unknown starts {missing}; known: "
+                                  f"{sorted(starts)}")
+        if not isinstance(a["seeds"], list) or not all(isinstance(s, int) for s in a["seeds"]) or not a["seeds"]:
+            raise ConfigError(f"grid spec arm {a['name']!r}: 'seeds' must be a non-empty list of integers")
+        arms.append(GridArm(name=str(a["name"]), seeds=list(a["seeds"]), starts=st,
+                            overrides=_str_list(a.get("overrides"), f"arms[{j}].overrides")))
+    if not arms:
+        raise ConfigError("grid spec key 'arms': needs at least one arm")
+    return GridSpec(base_config=str(data["base_config"]), results_dir=str(data["results_dir"]),
+                    run_root=str(data["run_root"]), overrides=_str_list(data.get("overrides"), "overrides"),
+                    starts=starts, arms=arms)
+
+
+def grid_runs(spec: GridSpec) -> list[GridRun]:
+    """Every run of the grid, seed-major so that the first pass covers each arm and start once."""
+    out = []
+    max_seeds = max(len(a.seeds) for a in spec.arms)
+    for k in range(max_seeds):
+        for start in spec.starts:
+            for arm in spec.arms:
+                if k >= len(arm.seeds) or (arm.starts is not None and start not in arm.starts):
+                    continue
+                seed = arm.seeds[k]
+                rid = f"{start}__{arm.name}__s{seed}"
+                ov = [*spec.overrides, *spec.starts[start], *arm.overrides, f"train.seed={seed}",
+                      f"run_dir={Path(spec.run_root) / rid}"]
+                out.append(GridRun(run_id=rid, start=start, arm=arm.name, seed=seed, overrides=ov))
+    return out
+
+
+def result_path(spec: GridSpec, run_id: str) -> Path:
+    """``<results_dir>/runs/<run_id>.json``."""
+    return Path(spec.results_dir) / "runs" / f"{run_id}.json"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
+    import json
+
+    from fastnft.engine import dist as fdist
+    from fastnft.envs import make_env
+    from fastnft.trainer import StepNFTTrainer
+    from fastnft.workflow import load_policy, run_sft_stage
+
+    cfg: ExperimentConfig = load_config(spec.base_config, run.overrides)
+    t0 = time.time()
+    sft_path, _ = run_sft_stage(cfg, progress=False)
+    sft_s = time.time() - t0
+    fdist.init_distributed()
+    policy, _ = load_policy(sft_path, cfg)
+    env = make_env(cfg.env)
+    t0 = time.time()
+    try:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        trainer = StepNFTTrainer(cfg, policy, env, resume=True, progress=progress)
+        history = trainer.train()
+    finally:
+        env.close()
+    train_s = time.time() - t0
+    metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    it_rows = [m for m in metrics if "rollout/success_rate" in m]
+    first, last = history[0], history[-1]
+    d, lo, hi = paired_diff_interval(first["per_episode"], last["per_episode"])
+    return {
+        "run_id": run.run_id, "start": run.start, "arm": run.arm, "seed": run.seed,
+        "sft_policy": str(sft_path), "sft_s": sft_s, "train_s": train_s,
+        "iterations": cfg.train.iterations, "episodes_per_iter": cfg.train.episodes_per_iter,
+        "start_success": first["success_rate"], "final_success": last["success_rate"],
+        "gain": {"points": 100 * d, "ci95": [100 * lo, 100 * hi], "method": "paired per episode"},
+        "history": history,
+        "per_iteration": {k: [m.get(k) for m in it_rows] for k in (
+            "rollout/success_rate", "labels/positive_share", "signal/cos_halves", "signal/label_share",
+            "signal/grad_norm", "update/grad_norm", "fresh/drift", "replayed/drift", "update/lr", "ema/decay",
+            "perf/iteration_s")},
+        "diagnostics_mean": {k: _mean([m.get(k) for m in it_rows]) for k in (
+            "signal/cos_halves", "signal/label_share", "fresh/logit_abs", "update/grad_norm")},
+        "config": config_to_dict(cfg), "overrides": run.overrides, "git_commit": _git_commit(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_grid(spec: GridSpec, *, only: list[str] | None = None, force: bool = False,
+             progress: bool = True) -> list[str]:
+    """Run every grid run whose result file is missing (or those in ``only``), one after another, then
+    :func:`summarize_grid`. Returns the ids of the runs completed by this call.
+
+    Raises:
+        ConfigError: ``only`` names a run that is not in the grid.
+    """
+    runs = grid_runs(spec)
+    ids = {r.run_id for r in runs}
+    for o in only or []:
+        if o not in ids:
+            raise ConfigError(f"--only {o!r} is not a run of this grid; `fastnft grid --spec ... --list` lists them")
+    done = []
+    for run in runs:
+        if only and run.run_id not in only:
+            continue
+        out = result_path(spec, run.run_id)
+        if out.exists() and not force:
+            continue
+        print(f"[grid] {run.run_id}: start", flush=True)
+        res = _run_one(spec, run, progress)
+        write_json_atomic(out, res)
+        done.append(run.run_id)
+        g = res["gain"]
+        print(f"[grid] {run.run_id}: {100 * res['start_success']:.1f} -> {100 * res['final_success']:.1f} % "
+              f"({g['points']:+.1f} points, 95 % CI {g['ci95'][0]:+.1f} .. {g['ci95'][1]:+.1f}), "
+              f"{res['train_s'] / 60:.1f} min -> {out}", flush=True)
+        summarize_grid(spec)
+    return done
+
+
+def _t_quantile(df: int) -> float:
+    """Two-sided 95 % Student-t quantile."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def _mean_interval(xs: list[float]) -> dict[str, Any]:
+    n = len(xs)
+    if n == 0:
+        return {"n": 0}
+    m = sum(xs) / n
+    if n < 2:
+        return {"n": n, "mean": m}
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    h = _t_quantile(n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": m, "sd": sd, "ci95": [m - h, m + h], "method": "Student t over runs"}
+
+
+def _avg_outcomes(lists: list[list[int]]) -> list[float]:
+    return [sum(v) / len(v) for v in zip(*lists)]
+
+
+def summarize_grid(spec: GridSpec) -> dict[str, Any]:
+    """Aggregate the finished runs into ``<results_dir>/summary.json`` and ``<results_dir>/curves.png``.
+
+    Per arm: the mean gain across runs with a Student-t 95 % interval (each run's gain is its own paired final -
+    start difference). Per start: StepNFT's final outcomes (averaged over its seeds, per episode) against each
+    control's final outcomes on the same episodes, as a paired difference with a 95 % interval; StepNFT "beats"
+    a control at a start when that interval lies above 0.
+    """
+    import json
+
+    res_dir = Path(spec.results_dir) / "runs"
+    results = [json.loads(p.read_text()) for p in sorted(res_dir.glob("*.json"))] if res_dir.is_dir() else []
+    arms: dict[str, dict[str, Any]] = {}
+    for r in results:
+        a = arms.setdefault(r["arm"], {"runs": [], "gains": []})
+        a["runs"].append({"run_id": r["run_id"], "start": r["start"], "seed": r["seed"],
+                          "start_success": r["start_success"], "final_success": r["final_success"],
+                          "gain_points": r["gain"]["points"], "gain_ci95": r["gain"]["ci95"],
+                          "train_min": r["train_s"] / 60})
+        a["gains"].append(r["gain"]["points"])
+    for a in arms.values():
+        a["gain_points"] = _mean_interval(a.pop("gains"))
+    by_start: dict[str, Any] = {}
+    for start in spec.starts:
+        rs = [r for r in results if r["start"] == start]
+        if not rs:
+            continue
+        entry: dict[str, Any] = {"start_success": _mean([r["start_success"] for r in rs])}
+        main = [r["history"][-1]["per_episode"] for r in rs if r["arm"] == "stepnft"]
+        if main:
+            avg = _avg_outcomes(main)
+            entry["stepnft_final"] = sum(avg) / len(avg)
+            for r in rs:
+                if r["arm"] == "stepnft":
+                    continue
+                other = r["history"][-1]["per_episode"]
+                if len(other) != len(avg):
+                    continue
+                d = [a - b for a, b in zip(avg, other)]
+                n = len(d)
+                m = sum(d) / n
+                sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(n - 1, 1))
+                h = 1.96 * sd / math.sqrt(n)
+                entry[f"stepnft_minus_{r['arm']}_s{r['seed']}"] = {
+                    "points": 100 * m, "ci95": [100 * (m - h), 100 * (m + h)], "beats": m - h > 0}
+        by_start[start] = entry
+    summary = {"spec": {"base_config": spec.base_config, "overrides": spec.overrides, "starts": spec.starts,
+                        "arms": [a.__dict__ for a in spec.arms]},
+               "runs_finished": len(results), "runs_total": len(grid_runs(spec)),
+               "arms": arms, "starts": by_start}
+    out = Path(spec.results_dir)
+    write_json_atomic(out / "summary.json", summary)
+    if results:
+        _plot(results, spec, out / "curves.png")
+    return summary
+
+
+def _plot(results: list[dict[str, Any]], spec: GridSpec, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = [s for s in spec.starts if any(r["start"] == s for r in results)]
+    fig, axes = plt.subplots(1, len(starts), figsize=(4.2 * len(starts), 3.6), dpi=110, squeeze=False)
+    colors = {"stepnft": "C0", "shuffled": "C3", "zero": "C7", "grpo": "C2"}
+    for ax, start in zip(axes[0], starts):
+        for r in sorted((r for r in results if r["start"] == start), key=lambda r: (r["arm"], r["seed"])):
+            h = r["history"]
+            it = [e["iteration"] for e in h]
+            c = colors.get(r["arm"], None)
+            ax.plot(it, [100 * e["success_rate"] for e in h], marker="o", ms=3, color=c,
+                    label=f"{r['arm']} s{r['seed']}", ls="-" if r["seed"] == 0 else "--")
+            ax.fill_between(it, [100 * e["ci_low"] for e in h], [100 * e["ci_high"] for e in h], color=c,
+                            alpha=0.08)
+        ax.set_title(f"start {start}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("held-out success (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
