@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _pi0_bench_model import expert_model, synthetic_context  # noqa: E402
+from _pi0_bench_model import expert_model, synthetic_context
 
 
 def run(variant: str, batch: int, reps: int, warmup: int, device: str) -> dict:

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _pi0_bench_model import expert_model, pi0_config, synthetic_context  # noqa: E402
+from _pi0_bench_model import expert_model, pi0_config, synthetic_context
 
-from fastnft.policies.pi0 import Pi0Model  # noqa: E402
+from fastnft.policies.pi0 import Pi0Model
 
 GB = 1e9
 

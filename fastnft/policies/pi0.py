@@ -20,6 +20,7 @@ Module names equal openpi's PyTorch model (``paligemma_with_expert.paligemma.*``
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,15 @@ def paligemma_hf_config(cfg: Pi0Config) -> PaliGemmaConfig:
     """``transformers`` PaliGemma config of the prefix (SigLIP without pooling head, Gemma text model)."""
     v = cfg.vlm
     return PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=v.vision_width,
-                           intermediate_size=v.vision_mlp_dim, num_hidden_layers=v.vision_depth,
-                           num_attention_heads=v.vision_heads, image_size=v.image_size, patch_size=v.patch_size,
-                           vision_use_head=False, projection_dim=v.width),
-        text_config=dict(model_type="gemma", hidden_size=v.width, intermediate_size=v.mlp_dim,
-                         num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-                         num_key_value_heads=v.num_kv_heads, head_dim=v.head_dim, vocab_size=v.vocab_size,
-                         rms_norm_eps=v.rms_norm_eps,
-                         rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta}),
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": v.vision_width,
+                       "intermediate_size": v.vision_mlp_dim, "num_hidden_layers": v.vision_depth,
+                       "num_attention_heads": v.vision_heads, "image_size": v.image_size,
+                       "patch_size": v.patch_size, "vision_use_head": False, "projection_dim": v.width},
+        text_config={"model_type": "gemma", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+                     "num_hidden_layers": v.depth, "num_attention_heads": v.num_heads,
+                     "num_key_value_heads": v.num_kv_heads, "head_dim": v.head_dim, "vocab_size": v.vocab_size,
+                     "rms_norm_eps": v.rms_norm_eps,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta}},
         projection_dim=v.width, hidden_size=v.width, vocab_size=v.vocab_size, image_token_index=v.vocab_size - 1)
 
 
@@ -80,7 +81,7 @@ class PrefixContext:
 
     def index(self, rows: Tensor) -> PrefixContext:
         """Rows ``rows`` (``[M]`` int64 or ``[B]`` bool) of every tensor (cached-prefix micro-batches)."""
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        pick = lambda x: None if x is None else x[rows]
         return PrefixContext(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
                              self.valid[rows], pick(self.state))
 
@@ -90,10 +91,33 @@ class PrefixContext:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+@contextmanager
+def _construction(dtype: torch.dtype, init_weights: bool):
+    """Build modules directly in ``dtype`` and, when the weights are loaded next, without random initialisation
+    (a 2.9B-parameter prefix would otherwise be built and initialised in float32 first: 11.7 GB and minutes)."""
+    old = torch.get_default_dtype()
+    skip = nullcontext()
+    if not init_weights:
+        try:
+            from transformers.initialization import no_init_weights
+
+            skip = no_init_weights()
+        except ImportError:  # older transformers: initialise, only slower
+            pass
+    torch.set_default_dtype(dtype)
+    try:
+        with skip:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 class _PaliGemmaWithExpert(nn.Module):
-    def __init__(self, cfg: Pi0Config) -> None:
+    def __init__(self, cfg: Pi0Config, init_weights: bool = True) -> None:
         super().__init__()
-        self.paligemma = PaliGemmaForConditionalGeneration(paligemma_hf_config(cfg))
+        with _construction(_DTYPES[cfg.vlm_dtype], init_weights):
+            self.paligemma = PaliGemmaForConditionalGeneration(paligemma_hf_config(cfg))
+        self.paligemma.tie_weights()  # skipped with the initialisation; lm_head shares embed_tokens' weight
         self.gemma_expert = GemmaExpert(cfg.expert, adarms=cfg.variant == "pi05", eps=cfg.vlm.rms_norm_eps)
 
 
@@ -124,13 +148,14 @@ class Pi0Model(nn.Module):
     Args:
         cfg: :class:`Pi0Config`. The prefix is built in ``cfg.vlm_dtype`` and frozen; the expert and the projections
             are float32 parameters (autocast selects the compute dtype on a GPU).
+        init_weights: False skips the prefix's random initialisation (its weights are loaded next).
     """
 
-    def __init__(self, cfg: Pi0Config) -> None:
+    def __init__(self, cfg: Pi0Config, init_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         We, D = cfg.expert.width, cfg.max_action_dim
-        self.paligemma_with_expert = _PaliGemmaWithExpert(cfg)
+        self.paligemma_with_expert = _PaliGemmaWithExpert(cfg, init_weights)
         self.action_in_proj = nn.Linear(D, We)
         self.action_out_proj = nn.Linear(We, D)
         if cfg.variant == "pi0":
@@ -311,10 +336,10 @@ class Pi0Policy(nn.Module):
     velocities ``[B, H, D]`` with ``H = cfg.chunk_size``, ``D = cfg.max_action_dim``; flow time ``[B]``.
     """
 
-    def __init__(self, cfg: Pi0Config, processor: Pi0Processor | None = None) -> None:
+    def __init__(self, cfg: Pi0Config, processor: Pi0Processor | None = None, init_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = Pi0Model(cfg)
+        self.model = Pi0Model(cfg, init_weights)
         self.processor = processor
         self.H, self.n_action_steps, self.D, self.act_dim = (cfg.chunk_size, cfg.n_action_steps,
                                                              cfg.max_action_dim, cfg.action_dim)
@@ -406,6 +431,7 @@ class Pi0Policy(nn.Module):
                 message lists the missing and unexpected keys and every shape mismatch.
         """
         ck = read_checkpoint(path, **cfg_overrides)
-        policy = cls(ck.cfg, Pi0Processor.from_export(ck.cfg, ck.processor, Path(path)) if ck.processor else None)
+        proc = Pi0Processor.from_export(ck.cfg, ck.processor, Path(path)) if ck.processor else None
+        policy = cls(ck.cfg, proc, init_weights=False)
         load_into(policy.model, ck.tensors, path, check_finite=check_finite)
         return policy.to(device)

@@ -186,15 +186,15 @@ class Pi0Config:
     @classmethod
     def tiny(cls, variant: Literal["pi0", "pi05"] = "pi0", **kw: Any) -> Pi0Config:
         """A tiny model with the same structure (2 layers, head dim 8, 16-px images) for CPU tests."""
-        base: dict[str, Any] = dict(
-            variant=variant, chunk_size=6, n_action_steps=4, max_action_dim=8, max_state_dim=6, action_dim=4,
-            state_dim=5, cameras=("base_0_rgb", "wrist_0_rgb"), tokenizer_max_length=7, num_steps=4,
-            vlm_dtype="float32", attention="sdpa",
-            vlm=VLMConfig(image_size=16, patch_size=8, vision_width=16, vision_depth=1, vision_mlp_dim=24,
-                          vision_heads=2, width=24, depth=2, mlp_dim=40, num_heads=4, num_kv_heads=1, head_dim=8,
-                          vocab_size=128),
-            expert=ExpertConfig(width=16, depth=2, mlp_dim=32, num_heads=4, num_kv_heads=1, head_dim=8),
-        )
+        base: dict[str, Any] = {
+            "variant": variant, "chunk_size": 6, "n_action_steps": 4, "max_action_dim": 8, "max_state_dim": 6,
+            "action_dim": 4, "state_dim": 5, "cameras": ("base_0_rgb", "wrist_0_rgb"), "tokenizer_max_length": 7,
+            "num_steps": 4, "vlm_dtype": "float32", "attention": "sdpa",
+            "vlm": VLMConfig(image_size=16, patch_size=8, vision_width=16, vision_depth=1, vision_mlp_dim=24,
+                             vision_heads=2, width=24, depth=2, mlp_dim=40, num_heads=4, num_kv_heads=1,
+                             head_dim=8, vocab_size=128),
+            "expert": ExpertConfig(width=16, depth=2, mlp_dim=32, num_heads=4, num_kv_heads=1, head_dim=8),
+        }
         base.update(kw)
         return cls(**base)
 

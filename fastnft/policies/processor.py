@@ -28,7 +28,7 @@ from fastnft.policies.image import siglip_pixels
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.tokenizer import PromptTokenizer, pi05_prompt
 
-__all__ = ["NormStats", "Pi0Processor", "STATE_KEY", "image_key"]
+__all__ = ["STATE_KEY", "NormStats", "Pi0Processor", "image_key"]
 
 STATE_KEY = "observation.state"
 """lerobot's key of the proprio state."""
