@@ -212,6 +212,7 @@ def test_flash_blockwise_decomposition_equals_dense_mask(with_padding):
     assert torch.allclose(dense[rows], blockwise[rows], atol=1e-5)
     m = block_mask(q_block, k_block, valid)
     assert not m[0, :P, P:].any() and m[0, P + 1:, :].all()  # prefix never sees the suffix; actions see all
+    assert m[0, P, : P + 1].all() and not m[0, P, P + 1:].any()  # pi0's state token: prefix + itself, no actions
 
 
 @pytest.mark.gpu
@@ -227,3 +228,23 @@ def test_flash_attn_matches_sdpa_on_gpu():
         vs = pol_s.velocity(x, t, pol_s.encode(inp))
         vf = pol_f.velocity(x, t, pol_f.encode(inp))
     assert torch.allclose(vs, vf, atol=3e-2, rtol=3e-2)  # bf16: ~3 significant digits per op
+
+
+def test_ema_copy_shares_the_frozen_prefix_and_averages_only_the_expert():
+    from fastnft.engine.ema import EMA
+
+    pol = _policy("pi0")
+    ema = EMA(pol)
+    live, avg = dict(pol.named_parameters()), dict(ema.module.named_parameters())
+    frozen = [n for n, p in live.items() if not p.requires_grad]
+    assert frozen and all(avg[n] is live[n] for n in frozen)  # shared, not duplicated
+    assert sorted(ema.names) == sorted(n for n, p in live.items() if p.requires_grad)
+    assert all(avg[n] is not live[n] and torch.equal(avg[n], live[n]) for n in ema.names)
+    before = {n: live[n].clone() for n in frozen[:3]}
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(1.0)
+    ema.update(pol, decay=0.5)
+    n0 = ema.names[0]
+    assert torch.allclose(avg[n0], live[n0] - 0.5)  # theta_ema = 0.5 theta_ema + 0.5 theta (S9)
+    assert all(torch.equal(live[n], before[n]) for n in before)
