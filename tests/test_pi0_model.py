@@ -189,6 +189,12 @@ def test_prefix_context_index_and_nbytes():
     ctx = pol.encode(_inputs(pol.cfg))
     sub = ctx.index(torch.tensor([2, 0]))
     assert sub.batch_size == 2 and torch.equal(sub.keys[1][0], ctx.keys[1][2])
+    both = PrefixContext.cat([sub, ctx.index(torch.tensor([1]))])
+    assert both.batch_size == 3 and torch.equal(both.values[0][2], ctx.values[0][1])
+    x, t = _xt(pol.cfg, B=3)
+    # a micro-batch served from stored contexts gives the same velocities as recomputing the prefix
+    order = torch.tensor([2, 0, 1])
+    assert torch.allclose(pol(x, t, both), pol(x, t, {k: v[order] for k, v in _inputs(pol.cfg).items()}), atol=1e-6)
     assert ctx.nbytes() == pol.cfg.prefix_cache_bytes(bytes_per_value=4) * 3 + ctx.valid.numel() + ctx.state.numel() * 4
 
 

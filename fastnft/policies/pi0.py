@@ -86,6 +86,15 @@ class PrefixContext:
         return PrefixContext(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
                              self.valid[rows], pick(self.state))
 
+    @classmethod
+    def cat(cls, parts: list[PrefixContext]) -> PrefixContext:
+        """Concatenate along the batch (a rollout buffer of cached prefixes, ``prefix_mode = cached``)."""
+        n = len(parts[0].keys)
+        return cls(tuple(torch.cat([p.keys[i] for p in parts]) for i in range(n)),
+                   tuple(torch.cat([p.values[i] for p in parts]) for i in range(n)),
+                   torch.cat([p.valid for p in parts]),
+                   None if parts[0].state is None else torch.cat([p.state for p in parts]))
+
     def nbytes(self) -> int:
         """Bytes held (the memory cost of ``prefix_mode = cached`` per stored call, times B)."""
         ts = [*self.keys, *self.values, self.valid] + ([self.state] if self.state is not None else [])
