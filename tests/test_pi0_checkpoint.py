@@ -140,3 +140,23 @@ def test_lerobot_config_without_fastnft_block_maps_to_pi0_sizes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="paligemma_variant='gemma_7b'"):
         read_checkpoint(tmp_path)
+
+
+def test_legacy_transformers_key_names_are_renamed(tmp_path):
+    pol = _policy(tmp_path)
+    d = pol.save(tmp_path / "ck", layout="openpi")
+    sd = load_file(str(d / "model.safetensors"))
+    pg = "paligemma_with_expert.paligemma."
+    old = {}
+    for k, v in sd.items():  # the names transformers < 4.52 wrote
+        for new, legacy in ((pg + "model.language_model.", pg + "language_model.model."),
+                            (pg + "model.vision_tower.", pg + "vision_tower."),
+                            (pg + "model.multi_modal_projector.", pg + "multi_modal_projector.")):
+            if k.startswith(new):
+                k = legacy + k[len(new):]
+        old[k] = v
+    assert old.keys() != sd.keys()
+    save_file(old, str(d / "model.safetensors"))
+    back = Pi0Policy.load(d)
+    for k, v in pol.model.state_dict().items():
+        assert torch.equal(v, back.model.state_dict()[k]), k

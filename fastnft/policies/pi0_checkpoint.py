@@ -24,6 +24,9 @@ openpi PyTorch key (= fastnft ``Pi0Model`` key)              what it is
 ==========================================================  ==========================================
 
 The lerobot layout is the same keys with the prefix ``model.``; loading detects it, saving writes either.
+Checkpoints written with ``transformers`` < 4.52 name the PaliGemma parts the old way
+(``paligemma.language_model.model.*``, ``paligemma.vision_tower.*``, ``paligemma.multi_modal_projector.*``,
+``paligemma.language_model.lm_head.*``); loading renames them to the table above (``LEGACY_RENAMES``).
 ``paligemma_with_expert.paligemma.lm_head.weight`` is tied to ``embed_tokens`` in ``transformers``: it is not
 written and is ignored when present. Unused LM parts of the expert (``gemma_expert.lm_head.*``,
 ``gemma_expert.model.embed_tokens.*``, present in some ports) are ignored on load. Every other difference is an
@@ -54,6 +57,11 @@ STATS, PROC_CONFIG = "fastnft_processor.safetensors", "fastnft_processor.json"
 LEROBOT_PREFIX = "model."
 TIED = ("paligemma_with_expert.paligemma.lm_head.weight",)
 IGNORED_PREFIXES = ("paligemma_with_expert.gemma_expert.lm_head.", "paligemma_with_expert.gemma_expert.model.embed_tokens.")
+_PG = "paligemma_with_expert.paligemma."
+LEGACY_RENAMES = ((_PG + "language_model.model.", _PG + "model.language_model."),
+                  (_PG + "language_model.lm_head.", _PG + "lm_head."),
+                  (_PG + "vision_tower.", _PG + "model.vision_tower."),
+                  (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."))
 # runtime fields a caller may override at load; the rest is architecture and comes from the checkpoint
 RUNTIME_FIELDS = ("n_action_steps", "num_steps", "attention", "prefix_mode", "vlm_dtype", "cameras", "action_dim",
                   "state_dim")
@@ -209,8 +217,11 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
         raise CheckpointError(f"{d / WEIGHTS} is unreadable or truncated ({type(e).__name__}: {e})") from e
     layout = "lerobot" if raw and all(k.startswith(LEROBOT_PREFIX) for k in raw) else "openpi"
     n = len(LEROBOT_PREFIX) if layout == "lerobot" else 0
-    tensors = {k[n:]: v for k, v in raw.items()
-               if k[n:] not in TIED and not k[n:].startswith(IGNORED_PREFIXES)}
+    tensors = {}
+    for k, v in raw.items():
+        k = _rename_legacy(k[n:])
+        if k not in TIED and not k.startswith(IGNORED_PREFIXES):
+            tensors[k] = v
     processor = None
     if (d / PROC_CONFIG).is_file():
         pc = json.loads((d / PROC_CONFIG).read_text())
@@ -222,6 +233,13 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
     elif (d / TOKENIZER).is_file():
         processor = {"norm_mode": "identity", "tensors": {}, "tokenizer_file": TOKENIZER}
     return Checkpoint(cfg, tensors, processor, layout)
+
+
+def _rename_legacy(key: str) -> str:
+    for old, new in LEGACY_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def _fmt(keys: list[str]) -> str:
