@@ -35,7 +35,12 @@ def test_round_trip_is_bit_exact(tmp_path, variant, layout):
     pol = _policy(tmp_path, variant)
     d1 = pol.save(tmp_path / "ck1", layout=layout)
     names = {p.name for p in d1.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.model"} <= names
+    assert {"model.safetensors", "config.json", "fastnft_config.json", "tokenizer.model"} <= names
+    lerobot_fields = {"type", "n_obs_steps", "chunk_size", "n_action_steps", "max_state_dim", "max_action_dim",
+                      "tokenizer_max_length", "normalization_mapping", "input_features", "output_features"}
+    conf = json.loads((d1 / "config.json").read_text())
+    assert set(conf) <= lerobot_fields and conf["type"] == variant  # lerobot's loader rejects unknown keys
+    assert conf["normalization_mapping"]["STATE"] == "MEAN_STD"
     keys = list(load_file(str(d1 / "model.safetensors")))
     assert all(k.startswith("model.") for k in keys) == (layout == "lerobot")
     assert "model.action_in_proj.weight" in keys or "action_in_proj.weight" in keys
@@ -104,9 +109,9 @@ def test_corrupted_files_are_refused(tmp_path):
 
 def test_config_mismatch_is_refused_with_keys(tmp_path):
     d, _ = _saved(tmp_path)
-    conf = json.loads((d / "config.json").read_text())
-    conf["fastnft"]["max_action_dim"] = 10  # the weights were made for 8
-    (d / "config.json").write_text(json.dumps(conf))
+    conf = json.loads((d / "fastnft_config.json").read_text())
+    conf["max_action_dim"] = 10  # the weights were made for 8
+    (d / "fastnft_config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match=r"action_in_proj\.weight: checkpoint \(16, 8\) vs model \(16, 10\)"):
         Pi0Policy.load(d)
     with pytest.raises(CheckpointError, match="architecture fields"):
@@ -123,7 +128,7 @@ def test_ignored_keys_of_other_ports_are_accepted(tmp_path):
     assert emb.abs().sum() > 0 and back.model.vlm.lm_head.weight is emb  # the tie holds, zeros were not loaded
 
 
-def test_lerobot_config_without_fastnft_block_maps_to_pi0_sizes(tmp_path):
+def test_lerobot_config_without_fastnft_config_maps_to_pi0_sizes(tmp_path):
     conf = {"type": "pi05", "chunk_size": 50, "n_action_steps": 10, "max_state_dim": 32, "max_action_dim": 32,
             "tokenizer_max_length": 200, "num_inference_steps": 10, "paligemma_variant": "gemma_2b",
             "action_expert_variant": "gemma_300m",

@@ -3,7 +3,8 @@
 Directory::
 
     model.safetensors                 weights (key map below)
-    config.json                       lerobot-style policy config; fastnft adds its full architecture under "fastnft"
+    config.json                       lerobot policy config: only fields every lerobot PI0Config version has
+    fastnft_config.json               fastnft's full Pi0Config (architecture sizes, K, cameras; wins when present)
     tokenizer.model                   PaliGemma's SentencePiece model (optional: without it, pass token ids)
     fastnft_processor.safetensors     normaliser statistics, lerobot names (observation.state.mean, action.std, ...)
     fastnft_processor.json            normalisation mode and the tokenizer file name
@@ -48,11 +49,13 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError
-from fastnft.policies.pi0_config import ExpertConfig, Pi0Config, VLMConfig
+from fastnft.policies.pi0_config import Pi0Config
 
 __all__ = ["Checkpoint", "CheckpointError", "check_keys", "load_into", "read_checkpoint", "write_checkpoint"]
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+FULL_CONFIG = "fastnft_config.json"
+_NORM_NAMES = {"mean_std": "MEAN_STD", "quantile": "QUANTILES", "identity": "IDENTITY"}
 STATS, PROC_CONFIG = "fastnft_processor.safetensors", "fastnft_processor.json"
 LEROBOT_PREFIX = "model."
 TIED = ("paligemma_with_expert.paligemma.lm_head.weight",)
@@ -94,19 +97,19 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _lerobot_config(cfg: Pi0Config) -> dict[str, Any]:
-    full = cfg.vlm == VLMConfig() and cfg.expert == ExpertConfig()
+def _lerobot_config(cfg: Pi0Config, norm_mode: str | None) -> dict[str, Any]:
+    """config.json: no key outside lerobot's PI0Config (its loader rejects unknown keys); the rest goes to
+    fastnft_config.json."""
     S = cfg.vlm.image_size
+    norm = _NORM_NAMES.get(norm_mode or "identity", "IDENTITY")
     return {
-        "type": cfg.variant, "chunk_size": cfg.chunk_size, "n_action_steps": cfg.n_action_steps,
+        "type": cfg.variant, "n_obs_steps": 1, "chunk_size": cfg.chunk_size, "n_action_steps": cfg.n_action_steps,
         "max_state_dim": cfg.max_state_dim, "max_action_dim": cfg.max_action_dim,
-        "tokenizer_max_length": cfg.tokenizer_max_length, "num_inference_steps": cfg.num_steps,
-        "paligemma_variant": "gemma_2b" if full else "custom", "action_expert_variant": "gemma_300m" if full else "custom",
-        "dtype": cfg.vlm_dtype, "image_resolution": [S, S],
+        "tokenizer_max_length": cfg.tokenizer_max_length,
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": norm, "ACTION": norm},
         "input_features": {**{f"observation.images.{c}": {"type": "VISUAL", "shape": [3, S, S]} for c in cfg.cameras},
                            "observation.state": {"type": "STATE", "shape": [cfg.state_dim]}},
         "output_features": {"action": {"type": "ACTION", "shape": [cfg.action_dim]}},
-        "fastnft": cfg.to_dict(),
     }
 
 
@@ -133,8 +136,10 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
     pre = LEROBOT_PREFIX if layout == "lerobot" else ""
     tensors = {pre + k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in TIED}
     _atomic_write(d / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    conf = json.dumps(_lerobot_config(cfg), indent=2, sort_keys=True)
+    conf = json.dumps(_lerobot_config(cfg, processor["norm_mode"] if processor else None), indent=2, sort_keys=True)
     _atomic_write(d / CONFIG, lambda tmp: Path(tmp).write_text(conf))
+    full = json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+    _atomic_write(d / FULL_CONFIG, lambda tmp: Path(tmp).write_text(full))
     if processor is not None:
         tok = processor.get("tokenizer_file")
         if tok and Path(tok).resolve() != (d / TOKENIZER).resolve():
@@ -146,26 +151,27 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
     return d
 
 
-def _config_from_json(conf: dict[str, Any], path: Path, overrides: dict[str, Any]) -> Pi0Config:
-    """lerobot / openpi config.json -> :class:`Pi0Config` (fastnft's own block wins when present)."""
+def _config_from_json(conf: dict[str, Any], full: dict[str, Any] | None, path: Path,
+                      overrides: dict[str, Any]) -> Pi0Config:
+    """lerobot / openpi config.json -> :class:`Pi0Config`; fastnft_config.json (``full``) wins when present."""
     bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if bad:
         raise CheckpointError(f"cannot override {bad} at load: they are architecture fields fixed by "
                               f"{path / CONFIG}; overridable: {list(RUNTIME_FIELDS)}")
-    if "fastnft" in conf:
-        d = dict(conf["fastnft"])
+    if full is not None:
+        d = dict(full)
     else:  # a checkpoint written by lerobot / openpi: only the standard sizes exist there
         variant = conf.get("type") or ("pi05" if conf.get("pi05") else "pi0")
         for key, want in (("paligemma_variant", "gemma_2b"), ("action_expert_variant", "gemma_300m")):
             if conf.get(key, want) != want:
                 raise CheckpointError(f"{path / CONFIG}: {key}={conf[key]!r} is not supported (only {want!r}); "
-                                      "add a 'fastnft' block with the architecture")
+                                      f"add {FULL_CONFIG} with the architecture")
         d = {"variant": variant}
         for ours, theirs in (("chunk_size", "chunk_size"), ("chunk_size", "action_horizon"),
                              ("n_action_steps", "n_action_steps"), ("max_state_dim", "max_state_dim"),
                              ("max_action_dim", "max_action_dim"), ("max_action_dim", "action_dim"),
                              ("tokenizer_max_length", "tokenizer_max_length"), ("tokenizer_max_length", "max_token_len"),
-                             ("num_steps", "num_inference_steps")):
+                             ("num_steps", "num_steps"), ("num_steps", "num_inference_steps")):
             if theirs in conf:
                 d[ours] = conf[theirs]
         feats = conf.get("input_features") or {}
@@ -182,7 +188,8 @@ def _config_from_json(conf: dict[str, Any], path: Path, overrides: dict[str, Any
     try:
         return Pi0Config.from_dict(d)
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG} does not describe a valid pi0 config: {e}") from e
+        where = path / (FULL_CONFIG if full is not None else CONFIG)
+        raise CheckpointError(f"{where} does not describe a valid pi0 config: {e}") from e
 
 
 def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
@@ -210,7 +217,13 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
         conf = json.loads((d / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{d / CONFIG} is not valid JSON ({e})") from e
-    cfg = _config_from_json(conf, d, overrides)
+    full = None
+    if (d / FULL_CONFIG).is_file():
+        try:
+            full = json.loads((d / FULL_CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{d / FULL_CONFIG} is not valid JSON ({e})") from e
+    cfg = _config_from_json(conf, full, d, overrides)
     try:
         raw = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, RuntimeError) as e:
