@@ -372,7 +372,8 @@ class Pi0Policy(nn.Module):
     # -- network ------------------------------------------------------------------------------------------------
     def process(self, obs: dict[str, Any]) -> dict[str, Tensor]:
         """Raw observation dict -> model inputs (identity when there is no processor or it is processed)."""
-        if self.processor is None or "lang_tokens" in obs and "images" in obs:
+        already = "images" in obs and "lang_tokens" in obs  # processor output keys
+        if self.processor is None or already:
             return obs
         return self.processor(obs, device=self.model.action_in_proj.weight.device)
 
