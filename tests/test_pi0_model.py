@@ -118,6 +118,9 @@ def test_context_is_reused_and_never_grows(variant, monkeypatch):
     P = pol.cfg.prefix_len
     assert all(k.shape[2] == P for k in seen[0].keys), "the prefix cache grew during the K steps"
     assert rec.actions.shape == (3, pol.H, pol.D) and torch.isfinite(rec.actions).all()
+    # a stored context samples the same chunk as the raw observation (prefix_mode = cached)
+    rec2 = pol.sample(seen[0], sch, stochastic=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rec.actions, rec2.actions) and calls["prefix"] == 1
     # same context, same input -> same velocity (nothing was written into the cache)
     x, t = _xt(pol.cfg)
     before = [k.clone() for k in seen[0].keys]

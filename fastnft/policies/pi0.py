@@ -408,15 +408,16 @@ class Pi0Policy(nn.Module):
         return self.processor.unnormalize_actions(a) if self.processor else a
 
     @torch.no_grad()
-    def sample(self, obs: dict[str, Any], schedule: FlowSDESchedule, *, stochastic: bool,
+    def sample(self, obs: dict[str, Any] | PrefixContext, schedule: FlowSDESchedule, *, stochastic: bool,
                generator: torch.Generator | None = None, step_index: Tensor | None = None,
                step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
         """Sample an action chunk per observation with the K-step sampler of :mod:`fastnft.sde` (SPEC S1-S3).
 
-        The prefix is encoded once; the K velocity calls reuse this call's :class:`PrefixContext`.
+        The prefix is encoded once; the K velocity calls reuse this call's :class:`PrefixContext`. ``obs`` may be
+        that context already (``prefix_mode = cached``: the rollout encodes, stores the context and samples).
         Arguments and result as :meth:`fastnft.policies.state_flow.StateFlowPolicy.sample`.
         """
-        ctx = self.encode(obs)
+        ctx = obs if isinstance(obs, PrefixContext) else self.encode(obs)
         dev = self.model.action_in_proj.weight.device
         noise = torch.randn((ctx.batch_size, self.H, self.D), generator=generator, device=dev)
         return sample_actions(lambda x, t: self.velocity(x, t, ctx), noise, schedule, stochastic=stochastic,
