@@ -1,0 +1,148 @@
+"""Block-structured attention of pi0 (masks, RoPE, SDPA / flash-attn backends).
+
+pi0's masks are *block-causal*: every token carries a block id (prefix = block 0; pi0's state token = block 1;
+the action tokens = the last block) and a token attends to every valid token whose block id is <= its own. So the
+prefix attends bidirectionally within itself and never to the suffix, and the action tokens attend to the prefix,
+the state token and bidirectionally to each other (openpi's ``make_att_2d_masks`` with ``ar_mask``).
+
+The same description drives both backends:
+- ``sdpa``: one dense boolean mask, :func:`torch.nn.functional.scaled_dot_product_attention`;
+- ``flash``: one flash-attn varlen call per query block over that block's packed visible keys (no dense mask).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["apply_rope", "attend", "block_mask", "flash_available", "resolve_backend"]
+
+
+def flash_available(device: torch.device | str) -> bool:
+    """flash-attn usable: the ``gpu`` extra is installed and ``device`` is a CUDA device."""
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """``auto`` -> ``flash`` where :func:`flash_available`, else ``sdpa``.
+
+    Raises:
+        RuntimeError: ``flash`` requested without flash-attn or without a CUDA device.
+    """
+    if name == "auto":
+        return "flash" if flash_available(device) else "sdpa"
+    if name == "flash" and not flash_available(device):
+        raise RuntimeError("pi0.attention=flash needs a CUDA device and flash-attn (pip install -e .[gpu]); "
+                           "set pi0.attention: auto or sdpa")
+    if name not in ("sdpa", "flash"):
+        raise ValueError(f"unknown attention backend {name!r}; use auto, sdpa or flash")
+    return name
+
+
+def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotary position embedding in Gemma's half-split form (as ``transformers`` Gemma).
+
+    Args:
+        x: ``[B, heads, S, head_dim]`` queries or keys.
+        pos: ``[B, S]`` integer positions.
+        theta: RoPE base.
+
+    Returns:
+        ``[B, heads, S, head_dim]``, dtype of ``x`` (angles computed in float32).
+    """
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    freqs = pos.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def block_mask(q_block: Tensor, k_block: Tensor, key_valid: Tensor) -> Tensor:
+    """Dense boolean mask of the block-causal structure.
+
+    Args:
+        q_block: ``[Sq]`` int64 block id of each query.
+        k_block: ``[Sk]`` int64 block id of each key.
+        key_valid: ``[B, Sk]`` bool, False for padding.
+
+    Returns:
+        ``[B, Sq, Sk]`` bool, True = may attend. A query that sees no key (a padded prefix token) is allowed all
+        keys, so its (unused) output stays finite instead of NaN, which would leak into later layers' values.
+    """
+    allowed = (k_block[None, None, :] <= q_block[None, :, None]) & key_valid[:, None, :]
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+VarlenFn = Callable[..., Tensor]
+
+
+def _flash_varlen() -> VarlenFn:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
+           backend: str = "sdpa", varlen_fn: VarlenFn | None = None) -> Tensor:
+    """Multi-query / grouped-query attention under a block-causal mask.
+
+    Args:
+        q: ``[B, Hq, Sq, hd]``; k, v: ``[B, Hkv, Sk, hd]`` with ``Hq % Hkv == 0``; same dtype.
+        q_block, k_block, key_valid: see :func:`block_mask`.
+        backend: ``sdpa`` or ``flash`` (see :func:`resolve_backend`).
+        varlen_fn: replaces flash-attn's ``flash_attn_varlen_func`` (tests pass a CPU reference).
+
+    Returns:
+        ``[B, Sq, Hq * hd]``, dtype of ``q``; softmax scale ``hd ** -0.5`` (Gemma).
+    """
+    B, Hq, Sq, hd = q.shape
+    if backend == "sdpa":
+        mask = block_mask(q_block, k_block, key_valid)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
+        return out.transpose(1, 2).reshape(B, Sq, Hq * hd)
+    if backend != "flash":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return _flash_blockwise(q, k, v, q_block, k_block, key_valid, varlen_fn or _flash_varlen())
+
+
+def _flash_blockwise(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
+                     varlen_fn: VarlenFn) -> Tensor:
+    """Block-causal attention as one non-causal varlen call per query block (keys packed per sample)."""
+    B, Hq, Sq, hd = q.shape
+    out = q.new_empty(B, Sq, Hq, hd)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, hd] (flash layout)
+    for b in torch.unique(q_block).tolist():
+        qi = (q_block == b).nonzero().squeeze(1)
+        vis = (k_block <= b)[None, :] & key_valid  # [B, Sk]
+        # a sample whose visible keys are all padding (a padded prefix) keeps every key: finite, unused output
+        vis = vis | ~vis.any(-1, keepdim=True)
+        lens_k = vis.sum(-1).to(torch.int32)
+        cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (B + 1) * len(qi), len(qi), device=q.device, dtype=torch.int32)
+        o = varlen_fn(qt[:, qi].reshape(-1, Hq, hd), kt[vis], vt[vis], cu_q, cu_k, len(qi), int(lens_k.max()),
+                      dropout_p=0.0, softmax_scale=hd ** -0.5, causal=False)
+        out[:, qi] = o.view(B, len(qi), Hq, hd)
+    return out.reshape(B, Sq, Hq * hd)
+
+
+def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, *,
+                     dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False) -> Tensor:
+    """flash-attn's ``flash_attn_varlen_func`` contract in plain PyTorch (one SDPA per sequence); CPU tests only.
+
+    Shapes: ``q [total_q, Hq, hd]``, ``k, v [total_k, Hkv, hd]``; ``cu_q, cu_k [B + 1]`` int32 offsets.
+    """
+    assert not causal and dropout_p == 0.0
+    outs = []
+    for i in range(cu_q.numel() - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None]
+        ks = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1)[None]
+        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale, enable_gqa=qs.shape[1] != ks.shape[1])
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
