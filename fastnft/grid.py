@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
@@ -206,6 +207,7 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
         "diagnostics_mean": {k: _mean([m.get(k) for m in it_rows]) for k in (
             "signal/cos_halves", "signal/label_share", "fresh/logit_abs", "update/grad_norm")},
         "config": config_to_dict(cfg), "overrides": run.overrides, "git_commit": _git_commit(),
+        "torch_threads": torch.get_num_threads(),  # bit-reproducibility holds for one thread count
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
