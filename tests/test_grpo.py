@@ -212,3 +212,57 @@ def test_config_grpo_validation(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/bandit_stepnft.yaml", override)
     assert needle in str(e.value), str(e.value)
+
+
+# --- rollout labels and the update path ----------------------------------------------------------------------------
+
+def _bandit_buffer(algo="grpo", label_control="none", G=4, seed=0):
+    from fastnft.config import NFTConfig, PolicyConfig
+    from fastnft.envs.bandit import BanditEnv
+    from fastnft.policies.state_flow import StateFlowPolicy
+    from fastnft.rollout import run_episodes
+
+    torch.manual_seed(0)
+    policy = StateFlowPolicy(4, 2, PolicyConfig(horizon=4, chunk=4, width=16, depth=1, heads=2, num_steps=4))
+    env = BanditEnv(16, chunk=4, radius=0.5)  # ~60 % success: both mixed and unanimous groups
+    sch = flow_sde_schedule(4, 0.5)
+    seeds = [100 + j // G for j in range(32)]  # G adjacent rollouts per initial state, as StepNFTTrainer.train_seeds
+    buf, st = run_episodes(policy, env, sch, seeds, stochastic=True, record=True,
+                           generator=torch.Generator().manual_seed(seed), nft=NFTConfig(noise_level=0.5),
+                           group_size=G, label_control=label_control, algo=algo, adv_eps=1e-4)
+    return policy, buf, st, sch
+
+
+def test_run_episodes_grpo_labels_are_group_advantages():
+    _, buf, st, _ = _bandit_buffer()
+    adv = grpo_advantages(st.episode_success, 4, 1e-4)
+    assert torch.equal(buf.y, adv[buf.episode])
+    assert (adv != 0).any() and (adv == 0).any(), "need both mixed and unanimous groups for this check"
+    _, buf_s, st_s, _ = _bandit_buffer(label_control="shuffled")
+    assert torch.equal(st_s.episode_success, st.episode_success)  # the same episodes, only the labels move
+    ep_y = torch.zeros(32).scatter_(0, buf_s.episode, buf_s.y)
+    assert torch.equal(ep_y.sort().values, adv.sort().values) and not torch.equal(ep_y, adv)
+    with pytest.raises(ValueError, match="algo must be"):
+        _bandit_buffer(algo="ppo")
+
+
+def test_update_path_dispatches_on_algo():
+    """buffer_loss with a grpo config equals grpo_loss on the same rows; the diagnostics report ratio statistics
+    (ratio 1 and no clipping when actor == rollout policy) and the gradient-signal diagnostic runs."""
+    from fastnft.config import GRPOConfig, NFTConfig
+    from fastnft.update import buffer_loss, gradient_signal, loss_diagnostics
+
+    policy, buf, _, sch = _bandit_buffer()
+    sch = sch.to(dtype=torch.float32)
+    nft, grpo = NFTConfig(noise_level=0.5), GRPOConfig(kl_coef=0.01)
+    got = buffer_loss(policy, buf, sch, nft, 4, grpo_loss, grpo)
+    i = buf.step
+    v = policy(buf.x_t, sch.t[i], buf.obs)
+    want = grpo_loss(v, buf.v_old, buf.x_t, buf.x_next, sch.A[i], sch.B[i], sch.std[i], buf.y, kl_coef=0.01)
+    assert torch.allclose(got, want)
+    d = loss_diagnostics(policy, buf, sch, nft, 4, prefix="fresh/", grpo=grpo)
+    assert abs(d["fresh/ratio_mean"] - 1) < 1e-3 and d["fresh/clip_frac"] == 0.0
+    assert {"fresh/loss", "fresh/ratio_std", "fresh/log_ratio_abs", "fresh/ratio_out", "fresh/drift"} <= set(d)
+    sig = gradient_signal(policy, buf, sch, nft, 4, grpo_loss, torch.Generator().manual_seed(0), grpo=grpo)
+    assert set(sig) == {"signal/cos_halves", "signal/label_share", "signal/grad_norm"}
+    assert sig["signal/grad_norm"] > 0
