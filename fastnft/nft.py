@@ -9,19 +9,21 @@ Sources: Flow-GRPO (Liu et al., 2025, arXiv 2505.05470: GRPO on the reverse-time
 denoising step) and pi_RL (arXiv 2510.25889: Flow-SDE for VLA policies, the S2 sampler used here).
 Same rollouts (S2-S3), engine and EMA (S9) as StepNFT; only the labels and the per-row objective differ::
 
-    G1 advantage    A_e = (s_e - mean_G(s)) / (std_G(s) + adv_eps)      G rollouts per initial state (adjacent),
-                    std_G = population std of the group; a unanimous group gives A = 0 on all its episodes.
-                    Every stored policy call of episode e gets A_e (in place of S4's y; unbounded, |A| <= sqrt(G-1)).
+    G1 advantage    adv_e = (s_e - mean_G(s)) / (std_G(s) + adv_eps)    G rollouts per initial state (adjacent),
+                    std_G = population std of the group; a unanimous group gives adv = 0 on all its episodes.
+                    Every stored policy call of episode e gets adv_e (in place of S4's y; |adv| <= sqrt(G-1)).
     G2 likelihood   log p(x_next | x_t, v) = log N(x_next; A_i x_t + B_i v, std_i^2 I), summed over C tokens, D dims
     G3 log-ratio    mu_theta = A_i x_t + B_i v_theta,  mu_old = A_i x_t + B_i v_old,  r = x_next - mu_old
                     log rho = log p_theta - log p_old = -(||x_next - mu_theta||^2 - ||r||^2) / (2 std_i^2)
                             = sum_{C,D} B_i dv (2 r - B_i dv) / (2 std_i^2),   dv = v_theta - v_old
                     (the normalising constants cancel because mu is affine in v, S2a; std_i > 0 is required)
-    G4 objective    L = -masked_mean_N( min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A) )
+    G4 objective    L = -masked_mean_N( min(rho adv, clip(rho, 1 - clip_eps, 1 + clip_eps) adv) )
                         + kl_coef * masked_mean( mean_D (v_theta - v_old)^2 )     (S7's drift term, S7's reduction)
 
-No critic, no learned value: the group mean is the baseline. At ``v_theta = v_old`` (rho = 1) the gradient is the
-REINFORCE score ``-A B_i r / std_i^2`` per row (divided by the number of valid rows).
+No critic, no learned value: the group mean is the baseline. At ``v_theta = v_old`` (rho = 1) the loss gradient is
+minus the REINFORCE term ``adv B_i r / std_i^2`` per row (divided by the number of valid rows). ``v_old`` is the
+EMA rollout policy's velocity (S3, S9), so the behaviour policy of the ratio is the EMA policy: at the start of an
+iteration rho differs from 1 by however far the actor has moved past the EMA.
 """
 
 from __future__ import annotations
@@ -234,11 +236,11 @@ class GRPOTerms:
     """Per-row pieces of the Flow-GRPO objective (G2-G4), dtype of the computation (float32 or float64).
 
     Attributes:
-        loss_sample: ``[N]`` ``-min(rho A, clip(rho) A)`` per row, before the mask and without the KL term.
+        loss_sample: ``[N]`` ``-min(rho adv, clip(rho) adv)`` per row, before the mask and without the KL term.
         log_ratio: ``[N]`` ``log p_theta(x_next) - log p_old(x_next)`` summed over C and D (G3), before any clamp.
         ratio: ``[N]`` ``rho = exp(log_ratio)`` (of the clamped log-ratio when ``log_ratio_clamp`` is set).
         clipped: ``[N]`` bool, True where the clipped branch is the minimum and constant (``rho > 1 + eps`` with
-            ``A > 0``, or ``rho < 1 - eps`` with ``A < 0``): those rows give no policy gradient.
+            ``adv > 0``, or ``rho < 1 - eps`` with ``adv < 0``): those rows give no policy gradient.
         kl_tok: ``[N, C]`` ``mean over D (v_theta - v_old)^2`` per token (S7's drift term).
     """
 
@@ -291,7 +293,7 @@ def grpo_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Te
               log_ratio_clamp: float | None = 20.0) -> Tensor:
     """The Flow-GRPO objective (module docstring G2-G4; Flow-GRPO, Liu et al. 2025; pi_RL, arXiv 2510.25889).
 
-    ``L = -masked_mean( min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A) )
+    ``L = -masked_mean( min(rho adv, clip(rho, 1 - clip_eps, 1 + clip_eps) adv) )
     + kl_coef * masked_mean( mean_D (v_theta - v_old)^2 )`` with the per-row likelihood ratio of the recorded SDE
     step ``rho = N(x_next; mu_theta, std^2 I) / N(x_next; mu_old, std^2 I)`` (product over C tokens and D dims).
     Same positional arguments as :func:`stepnft_loss`, with the advantage in place of the label.
@@ -302,14 +304,14 @@ def grpo_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Te
         x_t: ``[N, C, D]`` sampler state at the recorded step.
         x_next: ``[N, C, D]`` the observed next sampler state.
         A, B, std: ``[N]`` coefficients of the recorded step i (SPEC S2); ``std`` must be > 0.
-        adv: ``[N]`` group-relative advantage of the row's episode (G1; unbounded).
+        adv: ``[N]`` group-relative advantage of the row's episode (G1; not bounded by 1, ``|adv| <= sqrt(G-1)``).
         mask: ``[N]`` bool, False for rows to ignore; None = all valid. Reduction as S7 (mean over valid rows;
             all-false gives exactly 0 with zero gradient).
         clip_eps: PPO clip half-width, in (0, 1); default 0.2 (Flow-GRPO / PPO).
         kl_coef: weight of S7's velocity-drift penalty; default 0 (the clip is the trust region).
         log_ratio_clamp: clamp of the log-ratio before ``exp`` (a float32 overflow guard, as PPO implementations
             such as verl do with 20); it lies far outside the clip range, so it only zeroes the gradient of rows
-            with ``A < 0`` and ``rho > e^20``. None disables it.
+            with ``adv < 0`` and ``rho > e^20``. None disables it.
 
     Returns:
         0-d tensor in float32 (float64 for float64 inputs).
