@@ -5,7 +5,7 @@
     fastnft sft --config configs/pickcube_stepnft.yaml           # few-shot flow-matching SFT
     fastnft train --config configs/pickcube_stepnft.yaml [--resume] [--dry-run]
     fastnft eval --config configs/pickcube_stepnft.yaml [--policy data/sft/....pt | --run runs/pickcube_stepnft]
-    fastnft grid --spec configs/grid_pickcube.yaml [--list | --summarize | --only RUN]   # the evidence grid
+    fastnft grid --spec configs/grids/pickcube.yaml [--list | --summarize | --only RUN]   # the evidence grid
 
 Every command takes ``--set section.key=value`` overrides. Errors in the input (config, checkpoint, flags, missing
 simulator) exit with status 2 and one message that names the problem and the fix.
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--resume", action="store_true", help="resume each training run from its checkpoint")
     pl.set_defaults(func=_cmd_pipeline)
     g = sub.add_parser("grid", help="the evidence grid: StepNFT, controls and GRPO over starts and seeds")
-    g.add_argument("--spec", required=True, help="grid YAML (configs/grid_pickcube.yaml)")
+    g.add_argument("--spec", required=True, help="grid YAML (configs/grids/pickcube.yaml)")
     g.add_argument("--only", action="append", default=[], metavar="RUN", help="run only this run id (repeatable)")
     g.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
     g.add_argument("--list", action="store_true", help="list the runs and whether each has finished")

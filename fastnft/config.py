@@ -24,6 +24,7 @@ __all__ = [
     "EngineConfig",
     "EnvConfig",
     "ExperimentConfig",
+    "GRPOConfig",
     "NFTConfig",
     "PolicyConfig",
     "SFTConfig",
@@ -196,6 +197,34 @@ class NFTConfig:
 
 
 @dataclass(kw_only=True)
+class GRPOConfig:
+    """Flow-GRPO reference algorithm (``algo: grpo``; Flow-GRPO, Liu et al. 2025; pi_RL, arXiv 2510.25889).
+
+    Group-relative advantages and the PPO-clipped likelihood ratio of each recorded Flow-SDE step, no critic
+    (``fastnft/nft.py`` module docstring, G1-G4). Ignored with ``algo: stepnft``.
+    """
+
+    clip_eps: float = 0.2
+    """PPO clip half-width: the ratio is clipped to [1 - clip_eps, 1 + clip_eps] (Flow-GRPO and PPO use 0.2)."""
+    adv_eps: float = 1e-4
+    """Added to the group's std in ``A = (s - mean_G) / (std_G + adv_eps)``; keeps near-unanimous groups finite."""
+    kl_coef: float = 0.0
+    """Weight of S7's velocity-drift penalty ``mean_D (v_theta - v_old)^2``. Default 0: the PPO clip is GRPO's
+    trust region, and v_old is the EMA rollout policy, not Flow-GRPO's frozen reference model, so the term would
+    be a different regulariser from the paper's KL; set it (e.g. nft.kl_coef's 1e-4) for a like-for-like run."""
+    log_ratio_clamp: float | None = 20.0
+    """Clamp of the per-row log-ratio before exp (float32 overflow guard, as in common PPO code); far outside the
+    clip range, it only silences rows with a negative advantage and ratio > e^20. null disables it."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.clip_eps < 1.0, "grpo.clip_eps", f"must be in (0, 1) (default 0.2), got {self.clip_eps}")
+        _require(self.adv_eps > 0, "grpo.adv_eps", f"must be > 0 (default 1e-4), got {self.adv_eps}")
+        _require(self.kl_coef >= 0, "grpo.kl_coef", f"must be >= 0 (0 = no drift penalty), got {self.kl_coef}")
+        _require(self.log_ratio_clamp is None or self.log_ratio_clamp > 0, "grpo.log_ratio_clamp",
+                 f"must be > 0 or null (no clamp), got {self.log_ratio_clamp}")
+
+
+@dataclass(kw_only=True)
 class EngineConfig:
     """DeepSpeed ZeRO actor engine and kernel dispatch."""
 
@@ -290,6 +319,12 @@ class ExperimentConfig:
     """Folder for demonstrations and the SFT checkpoint shared between runs."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    algo: Literal["stepnft", "grpo"] = "stepnft"
+    """Training objective on the same rollouts, engine and EMA: ``stepnft`` (SPEC S4-S8, default) or ``grpo`` (the
+    Flow-GRPO reference: group-relative advantages, PPO-clipped SDE-step likelihood ratio, section ``grpo``).
+    ``grpo`` needs ``train.group_size > 1`` and SDE rollouts with ``nft.noise_level > 0``; it uses ``nft``'s
+    sampling keys (noise_level, rollout, step, steps_per_call) and ignores the StepNFT-only ones (beta, gamma,
+    max_drift, kl_coef, loss, branches, baseline)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
@@ -297,6 +332,8 @@ class ExperimentConfig:
     nft: NFTConfig = field(default_factory=NFTConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Flow-GRPO settings (used only with ``algo: grpo``)."""
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
@@ -307,6 +344,17 @@ class ExperimentConfig:
                  f"must be <= policy.num_steps={self.policy.num_steps}")
         _require(self.nft.baseline != "group" or self.train.group_size > 1, "nft.baseline",
                  "'group' needs train.group_size > 1 (several rollouts per initial state)")
+        if self.algo == "grpo":
+            _require(self.train.group_size > 1, "train.group_size",
+                     f"algo 'grpo' needs train.group_size > 1 (advantages are relative to the rollouts of one "
+                     f"initial state), got {self.train.group_size}; set e.g. train.group_size=8")
+            degenerate = "with std = 0 the SDE-step likelihood is a point mass and the ratio is undefined"
+            _require(self.nft.rollout == "sde", "nft.rollout",
+                     f"algo 'grpo' needs stochastic rollouts, set nft.rollout: sde ({degenerate})")
+            _require(self.nft.noise_level > 0, "nft.noise_level",
+                     f"algo 'grpo' needs nft.noise_level > 0, e.g. 0.2 ({degenerate})")
+            _require(self.nft.target == "next", "nft.target",
+                     "algo 'grpo' scores the recorded solver transition x_t -> x_next; set nft.target: next")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The evidence grid of issue 6: StepNFT, label controls and the Flow-GRPO reference over several SFT starts and RL
 seeds, one command, one JSON per finished run, a summary with intervals and a plot.
 
-    fastnft grid --spec configs/grid_pickcube.yaml            # run every missing run, then summarise
-    fastnft grid --spec configs/grid_pickcube.yaml --list     # the runs and whether their result exists
-    fastnft grid --spec configs/grid_pickcube.yaml --only d65__stepnft__s0 --only d65__shuffled__s0
-    fastnft grid --spec configs/grid_pickcube.yaml --summarize
+    fastnft grid --spec configs/grids/pickcube.yaml            # run every missing run, then summarise
+    fastnft grid --spec configs/grids/pickcube.yaml --list     # the runs and whether their result exists
+    fastnft grid --spec configs/grids/pickcube.yaml --only d65__stepnft__s0 --only d65__shuffled__s0
+    fastnft grid --spec configs/grids/pickcube.yaml --summarize
 
 A run is ``<start>__<arm>__s<seed>``: the SFT start (a set of overrides, e.g. a demo count), the arm (StepNFT, a
 label control, GRPO: more overrides) and the RL seed (``train.seed``). Each finished run writes
@@ -85,14 +85,14 @@ def _str_list(v: Any, key: str) -> list[str]:
 
 
 def load_grid_spec(path: str | Path) -> GridSpec:
-    """Read a grid YAML (see ``configs/grid_pickcube.yaml``).
+    """Read a grid YAML (see ``configs/grids/pickcube.yaml``).
 
     Raises:
         ConfigError: missing file, unknown or missing keys, wrong types, an arm naming an unknown start.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"grid spec {str(p)!r} does not exist; pass e.g. --spec configs/grid_pickcube.yaml")
+        raise ConfigError(f"grid spec {str(p)!r} does not exist; pass e.g. --spec configs/grids/pickcube.yaml")
     data = yaml.safe_load(p.read_text()) or {}
     known = {"base_config", "results_dir", "run_root", "overrides", "starts", "arms"}
     unknown = set(data) - known

@@ -2,6 +2,28 @@
 
 Shapes: ``[N, C, D]`` for velocities and sampler states (N samples, C executed-chunk tokens, D action dims);
 ``[N]`` for per-sample coefficients ``A, B, std`` of the supervised solver step, labels ``y`` and the mask.
+
+Flow-GRPO reference algorithm (``algo: grpo``; not part of SPEC.md, stated here in its notation)
+----------------------------------------------------------------------------------------------------
+Sources: Flow-GRPO (Liu et al., 2025, arXiv 2505.05470: GRPO on the reverse-time Flow-SDE, PPO clipping per
+denoising step) and pi_RL (arXiv 2510.25889: Flow-SDE for VLA policies, the S2 sampler used here).
+Same rollouts (S2-S3), engine and EMA (S9) as StepNFT; only the labels and the per-row objective differ::
+
+    G1 advantage    adv_e = (s_e - mean_G(s)) / (std_G(s) + adv_eps)    G rollouts per initial state (adjacent),
+                    std_G = population std of the group; a unanimous group gives adv = 0 on all its episodes.
+                    Every stored policy call of episode e gets adv_e (in place of S4's y; |adv| <= sqrt(G-1)).
+    G2 likelihood   log p(x_next | x_t, v) = log N(x_next; A_i x_t + B_i v, std_i^2 I), summed over C tokens, D dims
+    G3 log-ratio    mu_theta = A_i x_t + B_i v_theta,  mu_old = A_i x_t + B_i v_old,  r = x_next - mu_old
+                    log rho = log p_theta - log p_old = -(||x_next - mu_theta||^2 - ||r||^2) / (2 std_i^2)
+                            = sum_{C,D} B_i dv (2 r - B_i dv) / (2 std_i^2),   dv = v_theta - v_old
+                    (the normalising constants cancel because mu is affine in v, S2a; std_i > 0 is required)
+    G4 objective    L = -masked_mean_N( min(rho adv, clip(rho, 1 - clip_eps, 1 + clip_eps) adv) )
+                        + kl_coef * masked_mean( mean_D (v_theta - v_old)^2 )     (S7's drift term, S7's reduction)
+
+No critic, no learned value: the group mean is the baseline. At ``v_theta = v_old`` (rho = 1) the loss gradient is
+minus the REINFORCE term ``adv B_i r / std_i^2`` per row (divided by the number of valid rows). ``v_old`` is the
+EMA rollout policy's velocity (S3, S9), so the behaviour policy of the ratio is the EMA policy: at the start of an
+iteration rho differs from 1 by however far the actor has moved past the EMA.
 """
 
 from __future__ import annotations
@@ -17,9 +39,12 @@ __all__ = [
     "DRIFT_EPS",
     "VAR_EPS",
     "BranchKind",
+    "GRPOTerms",
     "LossKind",
     "StepNFTTerms",
     "TargetKind",
+    "grpo_loss",
+    "grpo_terms",
     "masked_token_mean",
     "stepnft_loss",
     "stepnft_terms",
@@ -55,14 +80,14 @@ class StepNFTTerms:
 
 
 def _check(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor, std: Tensor,
-           y: Tensor, mask: Tensor | None) -> None:
+           y: Tensor, mask: Tensor | None, y_name: str = "y") -> None:
     if v_theta.dim() != 3:
         raise ValueError(f"v_theta must be [N, C, D], got shape {tuple(v_theta.shape)}")
     for name, tns in (("v_old", v_old), ("x_t", x_t), ("x_next", x_next)):
         if tns.shape != v_theta.shape:
             raise ValueError(f"{name} must have v_theta's shape {tuple(v_theta.shape)}, got {tuple(tns.shape)}")
     N = v_theta.shape[0]
-    for name, tns in (("A", A), ("B", B), ("std", std), ("y", y)):
+    for name, tns in (("A", A), ("B", B), ("std", std), (y_name, y)):
         if tns.shape != (N,):
             raise ValueError(f"{name} must be a per-sample [N] = [{N}] tensor, got shape {tuple(tns.shape)}")
     if mask is not None and (mask.shape != (N,) or mask.dtype != torch.bool):
@@ -198,6 +223,106 @@ def stepnft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A:
     terms = stepnft_terms(v_theta, v_old, x_t, x_next, A, B, std, y, beta=beta, gamma=gamma, max_drift=max_drift,
                           loss=loss, target=target, branches=branches, t=t, x0=x0)
     out = masked_token_mean(terms.loss_tok, mask)
+    if kl_coef:
+        out = out + kl_coef * masked_token_mean(terms.kl_tok, mask)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow-GRPO reference algorithm (module docstring, G1-G4)
+
+@dataclass
+class GRPOTerms:
+    """Per-row pieces of the Flow-GRPO objective (G2-G4), dtype of the computation (float32 or float64).
+
+    Attributes:
+        loss_sample: ``[N]`` ``-min(rho adv, clip(rho) adv)`` per row, before the mask and without the KL term.
+        log_ratio: ``[N]`` ``log p_theta(x_next) - log p_old(x_next)`` summed over C and D (G3), before any clamp.
+        ratio: ``[N]`` ``rho = exp(log_ratio)`` (of the clamped log-ratio when ``log_ratio_clamp`` is set).
+        clipped: ``[N]`` bool, True where the clipped branch is the minimum and constant (``rho > 1 + eps`` with
+            ``adv > 0``, or ``rho < 1 - eps`` with ``adv < 0``): those rows give no policy gradient.
+        kl_tok: ``[N, C]`` ``mean over D (v_theta - v_old)^2`` per token (S7's drift term).
+    """
+
+    loss_sample: Tensor
+    log_ratio: Tensor
+    ratio: Tensor
+    clipped: Tensor
+    kl_tok: Tensor
+
+
+def grpo_terms(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor, std: Tensor,
+               adv: Tensor, *, clip_eps: float = 0.2, log_ratio_clamp: float | None = 20.0) -> GRPOTerms:
+    """Per-row Flow-GRPO terms (module docstring G2-G4). See :func:`grpo_loss` for the arguments.
+
+    The log-ratio is computed from the residual ``r = x_next - mu_old`` and ``dv`` (G3's second form) rather than
+    as a difference of two squared norms, which would cancel catastrophically in float32 when ``dv`` is small.
+
+    Raises:
+        ValueError: ``clip_eps`` not in (0, 1), ``log_ratio_clamp`` not positive, or a non-positive ``std``.
+    """
+    if not 0.0 < clip_eps < 1.0:
+        raise ValueError(f"clip_eps must be in (0, 1) (PPO / Flow-GRPO default 0.2), got {clip_eps!r}")
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp!r}")
+    f32 = torch.float64 if v_theta.dtype == torch.float64 else torch.float32
+    vt, vo, xt, xn = (u.to(f32) for u in (v_theta, v_old, x_t, x_next))
+    A_, B_, sd, adv_ = (u.to(f32) for u in (A, B, std, adv))
+    # std = 0 (ODE rollouts or a = 0) makes the Gaussian likelihood a point mass: the ratio is undefined.
+    if bool((sd <= 0).any()):
+        raise ValueError("std must be > 0 for every row: the Flow-GRPO likelihood needs SDE rollouts with "
+                         "nft.noise_level > 0 (nft.rollout: sde)")
+    vo = vo.detach()
+    A3, B3 = A_.view(-1, 1, 1), B_.view(-1, 1, 1)
+    r = xn - (A3 * xt + B3 * vo)  # residual of the rollout mean mu_old
+    dv = vt - vo
+    bdv = B3 * dv  # mu_theta - mu_old (S2a: affine in v)
+    log_ratio = (bdv * (2.0 * r - bdv)).sum((1, 2)) / (2.0 * sd**2)  # G3
+    lr = log_ratio if log_ratio_clamp is None else log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(lr)
+    surr = ratio * adv_
+    surr_clip = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv_
+    loss_sample = -torch.minimum(surr, surr_clip)  # G4 (PPO clipped surrogate, no critic)
+    clipped = ((adv_ > 0) & (ratio > 1.0 + clip_eps)) | ((adv_ < 0) & (ratio < 1.0 - clip_eps))
+    kl_tok = (dv**2).mean(-1)
+    return GRPOTerms(loss_sample=loss_sample, log_ratio=log_ratio, ratio=ratio, clipped=clipped, kl_tok=kl_tok)
+
+
+def grpo_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Tensor, A: Tensor, B: Tensor, std: Tensor,
+              adv: Tensor, mask: Tensor | None = None, *, clip_eps: float = 0.2, kl_coef: float = 0.0,
+              log_ratio_clamp: float | None = 20.0) -> Tensor:
+    """The Flow-GRPO objective (module docstring G2-G4; Flow-GRPO, Liu et al. 2025; pi_RL, arXiv 2510.25889).
+
+    ``L = -masked_mean( min(rho adv, clip(rho, 1 - clip_eps, 1 + clip_eps) adv) )
+    + kl_coef * masked_mean( mean_D (v_theta - v_old)^2 )`` with the per-row likelihood ratio of the recorded SDE
+    step ``rho = N(x_next; mu_theta, std^2 I) / N(x_next; mu_old, std^2 I)`` (product over C tokens and D dims).
+    Same positional arguments as :func:`stepnft_loss`, with the advantage in place of the label.
+
+    Args:
+        v_theta: ``[N, C, D]`` float32/bf16/float64 velocity of the live actor at ``(x_t, t_i)``; requires grad.
+        v_old: ``[N, C, D]`` velocity the rollout (EMA) policy produced at that step (treated as a constant).
+        x_t: ``[N, C, D]`` sampler state at the recorded step.
+        x_next: ``[N, C, D]`` the observed next sampler state.
+        A, B, std: ``[N]`` coefficients of the recorded step i (SPEC S2); ``std`` must be > 0.
+        adv: ``[N]`` group-relative advantage of the row's episode (G1; not bounded by 1, ``|adv| <= sqrt(G-1)``).
+        mask: ``[N]`` bool, False for rows to ignore; None = all valid. Reduction as S7 (mean over valid rows;
+            all-false gives exactly 0 with zero gradient).
+        clip_eps: PPO clip half-width, in (0, 1); default 0.2 (Flow-GRPO / PPO).
+        kl_coef: weight of S7's velocity-drift penalty; default 0 (the clip is the trust region).
+        log_ratio_clamp: clamp of the log-ratio before ``exp`` (a float32 overflow guard, as PPO implementations
+            such as verl do with 20); it lies far outside the clip range, so it only zeroes the gradient of rows
+            with ``adv < 0`` and ``rho > e^20``. None disables it.
+
+    Returns:
+        0-d tensor in float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: inconsistent shapes/dtypes, ``clip_eps`` outside (0, 1), or ``std <= 0`` somewhere.
+    """
+    _check(v_theta, v_old, x_t, x_next, A, B, std, adv, mask, y_name="adv")
+    terms = grpo_terms(v_theta, v_old, x_t, x_next, A, B, std, adv, clip_eps=clip_eps,
+                       log_ratio_clamp=log_ratio_clamp)
+    out = masked_token_mean(terms.loss_sample.unsqueeze(-1), mask)
     if kl_coef:
         out = out + kl_coef * masked_token_mean(terms.kl_tok, mask)
     return out

@@ -94,8 +94,8 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
     d, lo, hi = diff_interval(start["successes"], start["episodes"], final["successes"], final["episodes"])
     rows = [{"policy": "SFT (start)", "success_rate": start["success_rate"], "ci": _ci(start),
              "episodes": start["episodes"], "wall_s": round(stages["sft_s"], 1)},
-            {"policy": "π-StepNFT", "success_rate": final["success_rate"], "ci": _ci(final),
-             "episodes": final["episodes"], "wall_s": round(runs["stepnft"]["train_s"], 1)}]
+            {"policy": "Flow-GRPO" if cfg.algo == "grpo" else "π-StepNFT", "success_rate": final["success_rate"],
+             "ci": _ci(final), "episodes": final["episodes"], "wall_s": round(runs["stepnft"]["train_s"], 1)}]
     ablation_rows = [{"variant": n, "success_rate": r["history"][-1]["success_rate"], "ci": _ci(r["history"][-1]),
                       "episodes": r["history"][-1]["episodes"], "wall_s": round(r["train_s"], 1)}
                      for n, r in runs.items()]

@@ -20,7 +20,8 @@ from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
-__all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "dense_episode_score", "episode_labels", "run_episodes", "wilson_interval"]
+__all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "dense_episode_score", "episode_labels",
+           "grpo_advantages", "run_episodes", "wilson_interval"]
 
 
 @dataclass
@@ -34,7 +35,8 @@ class RolloutBuffer:
         x_next: ``[M, H, D]`` next sampler state.
         x0: ``[M, H, D]`` final sample of the call (for ``target = x0``).
         step: ``[M]`` int64 supervised solver index i.
-        y: ``[M]`` float32 label in [-1, 1].
+        y: ``[M]`` float32 label of the row's episode: in [-1, 1] for StepNFT (S4); for ``algo: grpo`` the
+            group-relative advantage of :func:`grpo_advantages` (unbounded, ``|y| <= sqrt(G - 1)``).
         episode: ``[M]`` int64 episode id within the iteration (for diagnostics).
     """
 
@@ -150,6 +152,38 @@ def episode_labels(success: Tensor, baseline: str = "none", group_size: int = 1)
     raise ValueError(f"baseline must be 'none', 'batch' or 'group', got {baseline!r}")
 
 
+def grpo_advantages(success: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages of Flow-GRPO (Liu et al., 2025; ``fastnft.nft`` docstring, G1).
+
+    ``A = (s - mean_G(s)) / (std_G(s) + eps)`` over the G rollouts of one initial state, with the population std
+    (so a group of two with one success gets ``A = +-1 / (1 + 2 eps)``). A unanimous group has ``s - mean = 0``
+    and gets A = 0 exactly: like S4's group baseline it carries no signal. Unlike S4's labels A is not in
+    [-1, 1]; by Samuelson's inequality ``|A| <= sqrt(G - 1)``.
+
+    Args:
+        success: ``[E]`` bool or float in [0, 1] per episode; the G episodes of one initial state adjacent (the
+            trainer's seed order, see ``StepNFTTrainer.train_seeds``).
+        group_size: G >= 2 rollouts per initial state.
+        eps: > 0, added to the group std (keeps near-unanimous soft-score groups finite).
+
+    Returns:
+        ``[E]`` float32 on ``success``' device.
+
+    Raises:
+        ValueError: ``group_size < 2``, ``eps <= 0``, or ``E`` not a multiple of ``group_size``.
+    """
+    if group_size < 2:
+        raise ValueError(f"group-relative advantages need group_size >= 2 rollouts per initial state, got {group_size}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    s = success.float()
+    if s.numel() % group_size:
+        raise ValueError(f"{s.numel()} episodes are not a whole number of groups of {group_size}")
+    g = s.view(-1, group_size)
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
 def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Tensor:
     """Per-episode labels of a control run (issue 6): the real ones, permuted, or zeros.
 
@@ -188,7 +222,8 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
                  device: torch.device | str = "cpu", group_size: int = 1,
-                 label_control: str = "none") -> tuple[RolloutBuffer | None, RolloutStats]:
+                 label_control: str = "none", algo: str = "stepnft",
+                 adv_eps: float = 1e-4) -> tuple[RolloutBuffer | None, RolloutStats]:
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
@@ -206,12 +241,17 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         device: device of the policy.
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
         label_control: ``none`` | ``shuffled`` | ``zero``, see :func:`control_labels` (control experiments).
+        algo: ``stepnft`` (S4 labels) or ``grpo`` (``y`` = :func:`grpo_advantages` over groups of
+            ``group_size``; the label control then applies to the advantages).
+        adv_eps: the advantage's std epsilon (``grpo`` only).
 
     Returns:
         ``(buffer or None, stats)``.
     """
     if record and nft is None:
         raise ValueError("run_episodes(record=True) needs the NFT config (steps_per_call, step)")
+    if algo not in ("stepnft", "grpo"):
+        raise ValueError(f"algo must be 'stepnft' or 'grpo', got {algo!r}")
     timers = timers or PhaseTimers()
     was_training = policy.training
     policy.eval()
@@ -286,7 +326,10 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
     buf = {k: torch.cat(v) for k, v in rows.items()}
     outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
-    labels = episode_labels(outcome, nft.baseline if nft else "none", group_size)  # S4
+    if algo == "grpo":
+        labels = grpo_advantages(outcome, group_size, adv_eps)  # Flow-GRPO: y is an advantage
+    else:
+        labels = episode_labels(outcome, nft.baseline if nft else "none", group_size)  # S4
     labels = control_labels(labels, label_control, generator).to(device)
     y = labels[buf["episode"]]
     return RolloutBuffer(y=y, **buf), stats

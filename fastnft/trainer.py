@@ -24,6 +24,7 @@ from fastnft.envs.base import VectorEnv
 from fastnft.evaluate import all_reduce, evaluate_policy
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
+from fastnft.nft import grpo_loss
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
 from fastnft.rollout import run_episodes
@@ -39,7 +40,8 @@ def _eval_metrics(ev: dict) -> dict[str, float]:
 
 
 class StepNFTTrainer:
-    """Online π-StepNFT fine-tuning of a flow policy.
+    """Online π-StepNFT fine-tuning of a flow policy (or, with ``algo: grpo``, the Flow-GRPO reference on the same
+    rollouts, engine and EMA).
 
     Args:
         cfg: the experiment config.
@@ -68,7 +70,9 @@ class StepNFTTrainer:
         K = cfg.policy.num_steps
         noise = cfg.nft.noise_level if cfg.nft.rollout == "sde" else 0.0
         self.rollout_sch = flow_sde_schedule(K, noise).to(device=self.device, dtype=torch.float32)
-        self.loss_fn = get_stepnft_loss(cfg.engine.kernels, self.device)
+        # algo: grpo uses the PyTorch reference grpo_loss (no fused kernel); the buffer's labels are then advantages.
+        self.grpo = cfg.grpo if cfg.algo == "grpo" else None
+        self.loss_fn = grpo_loss if self.grpo else get_stepnft_loss(cfg.engine.kernels, self.device)
         self.step_fn = get_sde_step(cfg.engine.kernels, self.device)
         self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
@@ -137,26 +141,28 @@ class StepNFTTrainer:
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
                                record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
                                device=self.device, group_size=cfg.train.group_size,
-                               label_control=cfg.train.label_control)
+                               label_control=cfg.train.label_control, algo=cfg.algo, adv_eps=cfg.grpo.adv_eps)
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
         m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen)[: int(m)].to(buf.step.device))
-        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/")
+        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/",
+                                 grpo=self.grpo)
         if cfg.train.diagnostics and self.engine.zero_stage < 3:
             with timers.range("actor/diagnostics"):
                 fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C,
-                                             self.loss_fn, self.gen))
+                                             self.loss_fn, self.gen, grpo=self.grpo))
         lr = cfg.train.lr * (min(1.0, (it + 1) / cfg.train.lr_warmup) if cfg.train.lr_warmup else 1.0)
         self.engine.set_lr(lr)
         fresh["update/lr"] = lr
         with timers.range("actor/update"):
             upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
-                               loss_fn=self.loss_fn, generator=self.gen)
-        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/")
+                               loss_fn=self.loss_fn, generator=self.gen, grpo=self.grpo)
+        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/",
+                                  grpo=self.grpo)
         T = cfg.train.ema_horizon or cfg.train.iterations
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)
         with timers.range("actor/ema"):
@@ -188,7 +194,7 @@ class StepNFTTrainer:
             ev = self.evaluate()
             self.history.append({"iteration": 0, **ev})
             self.metrics.log(0, _eval_metrics(ev), kind="eval")
-        bar = tqdm(range(self.start_iter, cfg.iterations), desc="stepnft", initial=self.start_iter,
+        bar = tqdm(range(self.start_iter, cfg.iterations), desc=self.cfg.algo, initial=self.start_iter,
                    total=cfg.iterations, disable=not (self.progress and self.engine.is_main), mininterval=1.0)
         for it in bar:
             m = self.iteration(it)

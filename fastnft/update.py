@@ -2,6 +2,10 @@
 
 ``v_theta`` is recomputed by the live actor at the stored ``(x_t, t_i, obs)``; ``v_old``, ``x_next`` and the
 solver index come from the buffer. Only the first C (executed) tokens are supervised.
+
+The objective is StepNFT (``loss_fn`` = ``stepnft_loss`` or its fused kernel, kwargs from ``nft``) unless a
+``grpo`` config is passed: then it is the Flow-GRPO reference (``loss_fn`` = :func:`fastnft.nft.grpo_loss`, kwargs
+from ``grpo``, buffer labels ``y`` = group-relative advantages; ``fastnft/nft.py`` G1-G4).
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from fastnft.config import NFTConfig
-from fastnft.nft import masked_token_mean, stepnft_terms
+from fastnft.config import GRPOConfig, NFTConfig
+from fastnft.nft import grpo_terms, masked_token_mean, stepnft_terms
 from fastnft.rollout import RolloutBuffer
 from fastnft.sde import FlowSDESchedule
 
-__all__ = ["LossFn", "buffer_loss", "gradient_signal", "loss_diagnostics", "nft_loss_kwargs", "update_actor"]
+__all__ = ["LossFn", "buffer_loss", "gradient_signal", "grpo_loss_kwargs", "loss_diagnostics", "nft_loss_kwargs",
+           "update_actor"]
 
 LossFn = Callable[..., Tensor]
 
@@ -34,6 +39,11 @@ def nft_loss_kwargs(nft: NFTConfig) -> dict:
             "loss": nft.loss, "target": nft.target, "branches": nft.branches}
 
 
+def grpo_loss_kwargs(grpo: GRPOConfig) -> dict:
+    """Keyword arguments of ``fastnft.nft.grpo_loss`` taken from the config (G3-G4)."""
+    return {"clip_eps": grpo.clip_eps, "kl_coef": grpo.kl_coef, "log_ratio_clamp": grpo.log_ratio_clamp}
+
+
 def _loss_inputs(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedule, C: int, target: str):
     i = mb.step
     t = sch.t[i]
@@ -43,8 +53,8 @@ def _loss_inputs(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedul
 
 
 def buffer_loss(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int,
-                loss_fn: LossFn) -> Tensor:
-    """StepNFT loss of a micro-batch under ``module`` (differentiable).
+                loss_fn: LossFn, grpo: GRPOConfig | None = None) -> Tensor:
+    """StepNFT (or, with ``grpo``, Flow-GRPO) loss of a micro-batch under ``module`` (differentiable).
 
     Args:
         module: actor; ``module(x_t [M, H, D], t [M], obs [M, obs_dim]) -> v [M, H, D]``.
@@ -52,23 +62,46 @@ def buffer_loss(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedule
         sch: the ROLLOUT schedule (its A, B, std generated ``x_next``), float32 on the buffer's device.
         nft: objective config.
         C: executed chunk length.
-        loss_fn: ``fastnft.nft.stepnft_loss`` or the fused kernel (same signature).
+        loss_fn: ``fastnft.nft.stepnft_loss`` or the fused kernel (same signature); ``fastnft.nft.grpo_loss``
+            when ``grpo`` is given.
+        grpo: the Flow-GRPO config for ``algo: grpo``; None = StepNFT.
     """
     args, extra = _loss_inputs(module, mb, sch, C, nft.target)
+    if grpo is not None:
+        return loss_fn(*args, None, **grpo_loss_kwargs(grpo))
     return loss_fn(*args, None, **nft_loss_kwargs(nft), **extra)
 
 
 @torch.no_grad()
 def loss_diagnostics(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int,
-                     max_rows: int = 4096, prefix: str = "") -> dict[str, float]:
+                     max_rows: int = 4096, prefix: str = "", grpo: GRPOConfig | None = None) -> dict[str, float]:
     """Logit statistics, branch separation vs noise, clip activity and the loss on (a subsample of) ``buf``.
 
     ``sep_over_std`` = mean over tokens of ``beta |B_i| ||dv_c|| / std_i``: how far the mirrored branch means sit
     from the rollout mean in units of the step's noise; large values saturate the logistic.
+
+    With ``grpo`` (Flow-GRPO) the keys are ``loss``, ``ratio_mean``, ``ratio_std``, ``log_ratio_abs`` (mean
+    ``|log rho|``), ``clip_frac`` (share of rows whose clipped branch is active, i.e. that give no gradient),
+    ``ratio_out`` (share with ``|rho - 1| > clip_eps``, PPO's usual clip fraction) and ``drift``.
     """
     rows = torch.arange(min(len(buf), max_rows), device=buf.step.device)
     mb = buf.index(rows)
     args, extra = _loss_inputs(module, mb, sch, C, nft.target)
+    if grpo is not None:
+        kw = grpo_loss_kwargs(grpo)
+        kl_coef = kw.pop("kl_coef")
+        g = grpo_terms(*args, **kw)
+        loss = masked_token_mean(g.loss_sample.unsqueeze(-1), None) + kl_coef * masked_token_mean(g.kl_tok, None)
+        ratio = g.ratio.float()
+        return {
+            f"{prefix}loss": float(loss),
+            f"{prefix}ratio_mean": float(ratio.mean()),
+            f"{prefix}ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+            f"{prefix}log_ratio_abs": float(g.log_ratio.abs().mean()),
+            f"{prefix}clip_frac": float(g.clipped.float().mean()),
+            f"{prefix}ratio_out": float(((ratio - 1).abs() > grpo.clip_eps).float().mean()),
+            f"{prefix}drift": float((args[0].float() - args[1].float()).norm(dim=-1).mean()),
+        }
     kw = nft_loss_kwargs(nft)
     kw.pop("kl_coef")
     terms = stepnft_terms(*args, **kw, **extra)
@@ -97,7 +130,8 @@ def _flat_grad(module: torch.nn.Module, loss: Tensor) -> Tensor:
 
 
 def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int,
-                    loss_fn: LossFn, generator: torch.Generator, max_rows: int = 4096) -> dict[str, float]:
+                    loss_fn: LossFn, generator: torch.Generator, max_rows: int = 4096,
+                    grpo: GRPOConfig | None = None) -> dict[str, float]:
     """Does this iteration's gradient carry label signal? Two diagnostics on the live actor (issue 6).
 
     - ``signal/cos_halves``: cosine between the loss gradients of two random halves of the buffer, split by
@@ -115,7 +149,7 @@ def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESch
     Args:
         module: the actor.
         buf: the iteration's rollout buffer (labels ``y`` per row, ``episode`` ids).
-        sch, nft, C, loss_fn: as in :func:`buffer_loss`.
+        sch, nft, C, loss_fn, grpo: as in :func:`buffer_loss` (with ``grpo`` the labels are advantages).
         generator: RNG of the split and the permutation.
         max_rows: at most this many rows (a random subset) enter the three backward passes.
     """
@@ -135,12 +169,14 @@ def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESch
     was_training = module.training
     module.train()
     with torch.enable_grad():
-        g = _flat_grad(module, buffer_loss(module, mb, sch, nft, C, loss_fn))
-        g_a = _flat_grad(module, buffer_loss(module, mb.index(in_a.nonzero().squeeze(1)), sch, nft, C, loss_fn))
-        g_b = _flat_grad(module, buffer_loss(module, mb.index((~in_a).nonzero().squeeze(1)), sch, nft, C, loss_fn))
+        g = _flat_grad(module, buffer_loss(module, mb, sch, nft, C, loss_fn, grpo))
+        g_a = _flat_grad(module, buffer_loss(module, mb.index(in_a.nonzero().squeeze(1)), sch, nft, C, loss_fn,
+                                             grpo))
+        g_b = _flat_grad(module, buffer_loss(module, mb.index((~in_a).nonzero().squeeze(1)), sch, nft, C, loss_fn,
+                                             grpo))
         shuf = mb.index(torch.arange(len(mb), device=dev))
         shuf.y = ep_y[torch.randperm(E, generator=generator).to(dev)][inv]
-        g_s = _flat_grad(module, buffer_loss(module, shuf, sch, nft, C, loss_fn))
+        g_s = _flat_grad(module, buffer_loss(module, shuf, sch, nft, C, loss_fn, grpo))
     module.train(was_training)
     gn2 = float(g.pow(2).sum())
     cos = float(torch.nn.functional.cosine_similarity(g_a, g_b, dim=0))
@@ -151,8 +187,10 @@ def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESch
 
 def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int, *,
                  update_epochs: int, micro_batch: int, loss_fn: LossFn,
-                 generator: torch.Generator) -> dict[str, float]:
+                 generator: torch.Generator, grpo: GRPOConfig | None = None) -> dict[str, float]:
     """Update epochs x shuffled micro-batches; one optimizer step per micro-batch.
+
+    ``grpo``: the Flow-GRPO config (``loss_fn`` is then ``fastnft.nft.grpo_loss``); None = StepNFT.
 
     With several ranks each rank steps on its own buffer. Every rank must take the same number of steps (DeepSpeed
     averages gradients collectively), so the caller trims all buffers to the smallest one first.
@@ -167,7 +205,7 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
         perm = torch.randperm(M, generator=generator).to(buf.step.device)
         for s in range(0, M, micro_batch):
             mb = buf.index(perm[s:s + micro_batch])
-            loss = buffer_loss(engine.module, mb, sch, nft, C, loss_fn)
+            loss = buffer_loss(engine.module, mb, sch, nft, C, loss_fn, grpo)
             out = engine.train_step(loss)
             losses.append(loss.item())
             if out.get("grad_norm") is not None:

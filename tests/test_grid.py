@@ -46,7 +46,7 @@ def test_spec_errors_name_the_key(tmp_path):
 def test_committed_grid_has_the_minimum_runs():
     """Issue 6 part 6: StepNFT at every start x 2 seeds, shuffled at every start, zero labels at one start, GRPO at
     every start; at least 3 starts."""
-    spec = load_grid_spec("configs/grid_pickcube.yaml")
+    spec = load_grid_spec("configs/grids/pickcube.yaml")
     runs = grid_runs(spec)
     assert len(spec.starts) >= 3
     for start in spec.starts:
@@ -85,3 +85,13 @@ arms:
     assert s["runs_finished"] == 2 and set(s["arms"]) == {"stepnft", "zero"}
     assert "stepnft_minus_zero_s0" in s["starts"]["a"]
     assert (res / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/grids").glob("*.yaml")), ids=str)
+def test_shipped_grid_specs_load_and_their_runs_configure(path):
+    """Every committed grid spec parses, and every run's overrides give a valid experiment config."""
+    from fastnft.config import load_config
+
+    spec = load_grid_spec(path)
+    for r in grid_runs(spec):
+        load_config(spec.base_config, r.overrides)
