@@ -200,7 +200,8 @@ class EngineConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """``auto``: fused Triton kernels where supported and faster (CUDA), else the PyTorch reference."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Training precision of the action expert (bf16 needs a GPU)."""
+    """Compute precision of the policy: ``bfloat16`` runs its forward under torch autocast (CPU and CUDA) while
+    the optimizer, EMA and checkpoints keep fp32 master weights; the loss is always fp32 (SPEC S6)."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from fastnft.devices import make_generator
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
@@ -31,9 +32,15 @@ __all__ = [
 
 
 def all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
-    """In-place all-reduce when several ranks run; identity otherwise."""
+    """All-reduce of ``t`` over ranks (identity with one rank); returns the result on ``t``'s device and dtype.
+
+    The collective runs on a copy on :func:`fastnft.engine.dist.collective_device` (CUDA for an NCCL group, CPU for
+    gloo), so callers may pass tensors of any device.
+    """
     if fdist.is_initialized() and fdist.world_size() > 1:
-        tdist.all_reduce(t, op=op)
+        work = t.to(fdist.collective_device())
+        tdist.all_reduce(work, op=op)
+        return work.to(t.device)
     return t
 
 
@@ -47,14 +54,14 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
         env: vector env (reset per round of ``num_envs`` episodes).
         seeds: held-out episode seeds of this rank.
         num_steps: K denoising steps.
-        device: the policy's device.
-        seed: seed of the initial sampler noise (fixed so that evaluation is repeatable).
+        device: the policy's device; the sampler noise is drawn there.
+        seed: seed of the initial sampler noise (fixed so that evaluation is repeatable on one device type).
 
     Returns:
         ``{"success_rate", "successes", "episodes", "ci_low", "ci_high" (95 % Wilson), "mean_steps"}``.
     """
     sch = flow_sde_schedule(num_steps, 0.0)
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(device, seed)
     if seeds:
         _, st = run_episodes(policy, env, sch, seeds, stochastic=False, record=False, generator=gen, device=device)
         counts = torch.tensor([st.successes, st.episodes, int(st.episode_steps.sum())], dtype=torch.float64)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastnft.config import NFTConfig
+from fastnft.devices import check_generator
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
@@ -127,11 +128,13 @@ def episode_labels(success: Tensor, baseline: str = "none", group_size: int = 1)
     raise ValueError(f"baseline must be 'none', 'batch' or 'group', got {baseline!r}")
 
 
-def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator) -> Tensor:
-    """``[n, per_call]`` distinct solver indices per call (S3: uniform, fixed across update epochs)."""
+def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator,
+                  device: torch.device) -> Tensor:
+    """``[n, per_call]`` distinct solver indices per call on ``device`` (S3: uniform, fixed across update epochs)."""
     if fixed is not None:
-        return torch.full((n, 1), fixed, dtype=torch.long)
-    return torch.rand(n, k, generator=gen).argsort(dim=1)[:, :per_call]
+        return torch.full((n, 1), fixed, dtype=torch.long, device=device)
+    check_generator(gen, device, "solver step indices")
+    return torch.rand(n, k, generator=gen, device=device).argsort(dim=1)[:, :per_call]
 
 
 @torch.no_grad()
@@ -149,11 +152,12 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
             runs extra envs on repeated seeds and discards them).
         stochastic: Flow-SDE sampling (training) or deterministic ODE (evaluation, S2c).
         record: store S3 tuples and S4 labels.
-        generator: RNG (CPU) for noise and step indices.
+        generator: RNG for noise and step indices, on ``device`` (fastnft.devices' draw rule).
         nft: needed when ``record``: ``steps_per_call`` and ``step`` (random / fixed:j).
         step_fn: SDE step implementation (reference or fused kernel).
         timers: optional phase timers (``rollout/sample``, ``env/step``).
-        device: device of the policy.
+        device: device of the policy and of the returned buffer (env outputs are moved here; a GPU simulator's
+            already live here).
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
 
     Returns:
@@ -171,33 +175,34 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     ep_success, ep_steps = [], []
     stats = RolloutStats()
     n_rounds = math.ceil(len(seeds) / N)
+    device = torch.device(device)
     sch = schedule.to(device=device, dtype=torch.float32)
+    calls = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per call
     for r in range(n_rounds):
         round_seeds = seeds[r * N:(r + 1) * N]
         n_real = len(round_seeds)
         round_seeds = round_seeds + [round_seeds[-1]] * (N - n_real)
         with timers.range("env/reset"):
             obs = env.reset(round_seeds)
-        steps = torch.zeros(N, dtype=torch.long)
+        steps = torch.zeros(N, dtype=torch.long, device=device)
         ep_base = r * N
         max_calls = math.ceil(env.max_episode_steps / C)
         for _ in range(max_calls):
-            active = ~env.done
+            active = (~env.done).to(device)
+            # One host sync per policy call (C env steps): the loop must know whether any episode still runs.
             if not bool(active.any()):
                 break
             with timers.range("rollout/sample"):
                 obs_d = obs.to(device)
-                step_idx = _choose_steps(N, K, per_call, fixed, generator) if record else None
+                step_idx = _choose_steps(N, K, per_call, fixed, generator, device) if record else None
                 rec = policy.sample(obs_d, sch, stochastic=stochastic, generator=generator,
-                                    step_index=None if step_idx is None else step_idx[:, 0].to(device),
+                                    step_index=None if step_idx is None else step_idx[:, 0],
                                     step_fn=step_fn, keep_trajectory=record and per_call > 1)
-                actions = policy.to_env_actions(rec.actions[:, :C]).cpu()
+                actions = policy.to_env_actions(rec.actions[:, :C])  # the env moves them to its device
             if record:
-                keep = active.clone()
-                keep[n_real:] = False
-                kd = keep.to(device)
+                kd = active & (torch.arange(N, device=device) < n_real)
                 for j in range(step_idx.shape[1]):
-                    si = step_idx[:, j].to(device)
+                    si = step_idx[:, j]
                     if per_call > 1:
                         ar = torch.arange(N, device=device)
                         x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
@@ -210,12 +215,12 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
                     rows["x0"].append(rec.actions[kd])
                     rows["step"].append(si[kd])
                     rows["episode"].append((ep_base + torch.arange(N, device=device))[kd])
-                stats.policy_calls += int(keep.sum())
+                calls += kd.sum()
             with timers.range("env/step"):
                 res = env.step_chunk(actions)
-            steps += res.steps
+            steps += res.steps.to(device)
             obs = res.obs
-        succ = env.success_once[:n_real].clone()
+        succ = env.success_once[:n_real].to(device)
         ep_success.append(succ)
         ep_steps.append(steps[:n_real])
         stats.env_steps += int(steps[:n_real].sum())
@@ -223,6 +228,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     stats.episode_steps = torch.cat(ep_steps) if ep_steps else stats.episode_steps
     stats.episodes = int(stats.episode_success.numel())
     stats.successes = int(stats.episode_success.sum())
+    stats.policy_calls = int(calls)
     stats.time = timers.summary(reset=False)
     policy.train(was_training)
     if not record:

@@ -43,8 +43,7 @@ def run_train(args: argparse.Namespace) -> dict:
     from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
-    resolve_device(cfg.device)
-    fdist.init_distributed()
+    fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host
     init = Path(args.init) if args.init else sft_checkpoint_path(cfg)
     policy, _ = load_policy(init, cfg)
     env = make_env(cfg.env)

@@ -18,6 +18,7 @@ import torch.distributed as tdist
 from tqdm.auto import tqdm
 
 from fastnft.config import ExperimentConfig, config_to_dict
+from fastnft.devices import make_generator, resolve_device
 from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
@@ -54,8 +55,10 @@ class StepNFTTrainer:
 
         self.cfg, self.env, self.progress = cfg, env, progress
         self.run_dir = Path(cfg.run_dir)
+        device = resolve_device(cfg.device)
+        policy.set_precision(cfg.engine.dtype)  # before the EMA copy: rollouts run in the same precision
         self.ema = EMA(policy)  # before the engine: ZeRO-3 partitions the live parameters
-        self.engine = ActorEngine(policy, cfg.train, cfg.engine)
+        self.engine = ActorEngine(policy, cfg.train, cfg.engine, device=device)
         self.device = self.engine.device
         self.ema.module.to(self.device)
         self.rank, self.world = self.engine.rank, self.engine.world_size
@@ -65,7 +68,7 @@ class StepNFTTrainer:
         self.rollout_sch = flow_sde_schedule(K, noise).to(device=self.device, dtype=torch.float32)
         self.loss_fn = get_stepnft_loss(cfg.engine.kernels, self.device)
         self.step_fn = get_sde_step(cfg.engine.kernels, self.device)
-        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
+        self.gen = make_generator(self.device, cfg.train.seed * 1000 + self.rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, float]] = []
@@ -134,7 +137,7 @@ class StepNFTTrainer:
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
         m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
-            buf = buf.index(torch.randperm(len(buf), generator=self.gen)[: int(m)].to(buf.step.device))
+            buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
         fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/")
         with timers.range("actor/update"):
             upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastnft.config import NFTConfig
+from fastnft.devices import check_generator
 from fastnft.nft import masked_token_mean, stepnft_terms
 from fastnft.rollout import RolloutBuffer
 from fastnft.sde import FlowSDESchedule
@@ -95,6 +96,9 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
                  generator: torch.Generator) -> dict[str, float]:
     """Update epochs x shuffled micro-batches; one optimizer step per micro-batch.
 
+    ``generator`` shuffles on the buffer's device (fastnft.devices' draw rule). Losses stay on the device until
+    the end: one host sync per call, not per micro-batch.
+
     With several ranks each rank steps on its own buffer. Every rank must take the same number of steps (DeepSpeed
     averages gradients collectively), so the caller trims all buffers to the smallest one first.
 
@@ -105,15 +109,16 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
     losses, norms, steps = [], [], 0
     engine.module.train()
     for _ in range(update_epochs):
-        perm = torch.randperm(M, generator=generator).to(buf.step.device)
+        check_generator(generator, buf.step, "update shuffling")
+        perm = torch.randperm(M, generator=generator, device=buf.step.device)
         for s in range(0, M, micro_batch):
             mb = buf.index(perm[s:s + micro_batch])
             loss = buffer_loss(engine.module, mb, sch, nft, C, loss_fn)
             out = engine.train_step(loss)
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if out.get("grad_norm") is not None:
                 norms.append(float(out["grad_norm"]))
             steps += 1
-    return {"update/loss": sum(losses) / max(len(losses), 1),
+    return {"update/loss": float(torch.stack(losses).double().mean()) if losses else 0.0,
             "update/grad_norm": sum(norms) / max(len(norms), 1) if norms else float("nan"),
             "update/steps": float(steps)}
