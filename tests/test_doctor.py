@@ -1,0 +1,44 @@
+"""``fastnft doctor`` as CI runs it: the table and the JSON, every GPU check listed (skipped with the reason on a
+machine without CUDA), the CPU-side checks passing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fastnft.doctor_checks import CHECKS, NO_CUDA
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_doctor_prints_table_and_writes_json(tmp_path):
+    out_json = tmp_path / "doctor.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR", "TRITON_INTERPRET")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "fastnft.cli", "doctor", "--json", str(out_json)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert list(rows) == [c.name for c in CHECKS]
+    for c in CHECKS:
+        r = rows[c.name]
+        assert r["status"] in ("pass", "skipped") and r["seconds"] >= 0, r
+        assert f"| {c.name} | {r['status']} |" in proc.stdout  # the printed table row
+        if not c.gpu:
+            assert r["status"] == "pass", r
+        elif not torch.cuda.is_available():
+            assert r["status"] == "skipped" and r["detail"] == NO_CUDA, r
+    assert report["cuda_available"] == torch.cuda.is_available()
+    assert f"{sum(not c.gpu for c in CHECKS)} passed, 0 failed" in proc.stdout or torch.cuda.is_available()
+
+
+def test_unknown_check_name_is_an_input_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastnft.cli", "doctor", "--only", "kernels_cdua", "--json",
+                           str(tmp_path / "d.json")], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 2 and "unknown doctor check" in proc.stderr and "kernels_cuda" in proc.stderr
