@@ -26,6 +26,7 @@ __all__ = [
     "ExperimentConfig",
     "NFTConfig",
     "PolicyConfig",
+    "RolloutConfig",
     "SFTConfig",
     "TrainConfig",
     "apply_overrides",
@@ -208,6 +209,15 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True)
+class RolloutConfig:
+    """How rollouts execute on the device (the results do not depend on it)."""
+
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """Capture the K-step sampler in a CUDA graph per shape: ``auto`` = on for CUDA, eager elsewhere; ``on`` needs
+    CUDA; ``off`` always eager."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Online StepNFT loop (SPEC S3, S4, S9; optimiser as the paper, Appendix C.2)."""
 
@@ -281,6 +291,7 @@ class ExperimentConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:

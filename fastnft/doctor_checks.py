@@ -131,11 +131,53 @@ def bandit_cuda_bf16() -> str:
 
 
 def cuda_graph() -> str:
-    """The captured K-step sampler: replay equals eager for the same generator state; replays differ."""
+    """The captured K-step sampler (policy + fused SDE step): a replay equals eager for the same generator state,
+    two replays draw different noise, the captured region makes no host sync, and an in-place weight update
+    (the EMA) is seen without recapture."""
     dev = _need_cuda()
-    from fastnft.graphs import check_graph_against_eager
+    from fastnft.config import PolicyConfig
+    from fastnft.devices import make_generator
+    from fastnft.graphs import GraphedSampler
+    from fastnft.kernels import get_sde_step
+    from fastnft.policies.state_flow import StateFlowPolicy
+    from fastnft.sde import flow_sde_schedule
 
-    return check_graph_against_eager(dev)
+    torch.manual_seed(0)
+    policy = StateFlowPolicy(42, 4, PolicyConfig()).to(dev).eval()
+    sch, step = flow_sde_schedule(4, 0.2), get_sde_step("auto", dev)
+    gen = make_generator(dev, 0)
+    obs = torch.randn(64, 42, device=dev, generator=gen)
+    idx = torch.randint(0, 4, (64,), device=dev, generator=gen)
+    sampler = GraphedSampler(policy, "on")
+    kw = dict(stochastic=True, generator=gen, step_index=idx, step_fn=step)
+
+    def compare(tag: str) -> None:
+        state = gen.get_state()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in copy-in + replay raises
+        try:
+            graphed = {k: v.clone() for k, v in vars(sampler.sample(obs, sch, **kw)).items() if v is not None}
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        gen.set_state(state)
+        eager = policy.sample(obs, sch, **kw)
+        for k, v in graphed.items():
+            if not torch.allclose(v.float(), getattr(eager, k).float(), rtol=1e-5, atol=1e-5):
+                raise AssertionError(f"{tag}: replay differs from eager in {k} "
+                                     f"(max {(v.float() - getattr(eager, k).float()).abs().max().item():.3e})")
+
+    sampler.sample(obs, sch, **kw)  # capture (outside the sync check: capture itself may allocate/sync)
+    compare("replay")
+    a = sampler.sample(obs, sch, **kw).actions.clone()
+    b = sampler.sample(obs, sch, **kw).actions.clone()
+    if torch.equal(a, b):
+        raise AssertionError("two replays drew the same noise: the generator is not registered with the graph")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(0.9)  # in place, as the EMA update
+    compare("after an in-place weight update")
+    if sampler.captures != 1:
+        raise AssertionError(f"{sampler.captures} captures for one shape")
+    return "replay == eager, replays draw new noise, no host sync in replay, in-place EMA seen without recapture"
 
 
 def maniskill_gpu() -> str:

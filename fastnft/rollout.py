@@ -141,7 +141,8 @@ def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.G
 def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
-                 device: torch.device | str = "cpu", group_size: int = 1) -> tuple[RolloutBuffer | None, RolloutStats]:
+                 device: torch.device | str = "cpu", group_size: int = 1,
+                 sampler=None) -> tuple[RolloutBuffer | None, RolloutStats]:
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
@@ -159,6 +160,8 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         device: device of the policy and of the returned buffer (env outputs are moved here; a GPU simulator's
             already live here).
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
+        sampler: object with ``policy.sample``'s signature (``fastnft.graphs.GraphedSampler``: CUDA-graph replays);
+            None = ``policy.sample``. Its output is only read (indexed, hence copied) before the next call.
 
     Returns:
         ``(buffer or None, stats)``.
@@ -195,7 +198,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
             with timers.range("rollout/sample"):
                 obs_d = obs.to(device)
                 step_idx = _choose_steps(N, K, per_call, fixed, generator, device) if record else None
-                rec = policy.sample(obs_d, sch, stochastic=stochastic, generator=generator,
+                rec = (sampler or policy).sample(obs_d, sch, stochastic=stochastic, generator=generator,
                                     step_index=None if step_idx is None else step_idx[:, 0],
                                     step_fn=step_fn, keep_trajectory=record and per_call > 1)
                 actions = policy.to_env_actions(rec.actions[:, :C])  # the env moves them to its device

@@ -23,6 +23,7 @@ from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
 from fastnft.evaluate import all_reduce, evaluate_policy
+from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
 from fastnft.policies.state_flow import StateFlowPolicy
@@ -69,6 +70,7 @@ class StepNFTTrainer:
         self.loss_fn = get_stepnft_loss(cfg.engine.kernels, self.device)
         self.step_fn = get_sde_step(cfg.engine.kernels, self.device)
         self.gen = make_generator(self.device, cfg.train.seed * 1000 + self.rank)
+        self.sampler = GraphedSampler(self.ema.module, cfg.rollout.cuda_graphs)  # EMA updates are in place
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, float]] = []
@@ -131,7 +133,7 @@ class StepNFTTrainer:
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
                                record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
-                               device=self.device, group_size=cfg.train.group_size)
+                               device=self.device, group_size=cfg.train.group_size, sampler=self.sampler)
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.

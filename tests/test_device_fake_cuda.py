@@ -11,6 +11,9 @@ What cannot run on fake CUDA with a CPU build of torch, and how the test handles
   gradient norm, checkpoint state) over a plain-torch stand-in for the DeepSpeed engine (AdamW + clipping).
 - autograd aborts the process on a CUDA tensor without the CUDA library, so the update runs its forward and the
   reference loss without a graph, and the stand-in's backward gives each parameter a zero gradient on its device.
+- CUDA graphs need real streams (rollout.cuda_graphs=off here; tests/test_graphs.py has the GPU tests), and
+  autocast to bf16 is disabled by torch for a CUDA device type on a CPU build, so the bf16 case checks devices,
+  fp32 masters and the fp32 loss, not bf16 arithmetic (tests/test_bf16_resume.py runs bf16 on CPU).
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def _cfg(tmp_path, dtype: str):
     return load_config("configs/bandit_stepnft.yaml", [
         "device=cuda", "engine.kernels=torch", f"engine.dtype={dtype}", "env.num_envs=6",
         "train.episodes_per_iter=6", "train.eval_episodes=6", "policy.width=16", "policy.heads=2",
-        "train.micro_batch=4", "env.max_episode_steps=8", f"run_dir={tmp_path / 'run'}"])
+        "train.micro_batch=4", "env.max_episode_steps=8", f"run_dir={tmp_path / 'run'}",
+        "rollout.cuda_graphs=off"])  # capturing needs real CUDA streams; the graphed path is a GPU test
 
 
 def _fake_iteration(tmp_path, monkeypatch, dtype="float32"):
@@ -138,7 +142,7 @@ def _fake_iteration(tmp_path, monkeypatch, dtype="float32"):
 def test_one_iteration_on_fake_cuda(tmp_path, monkeypatch, dtype):
     out = _fake_iteration(tmp_path, monkeypatch, dtype)
     tr, fc = out["trainer"], out["fc"]
-    assert tr.device == CUDA0
+    assert tr.device == CUDA0 and not tr.sampler.enabled
     # generators live on the device they draw for, and every draw used one
     assert tr.gen.device == CUDA0
     assert fc.draws > 0 and fc.generator_mismatches == [], fc.generator_mismatches
