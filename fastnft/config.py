@@ -292,6 +292,7 @@ class ExperimentConfig:
     nft: NFTConfig = field(default_factory=NFTConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How rollouts execute on the device (CUDA graphs); see :class:`RolloutConfig`."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -314,7 +315,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is Any:
         return True, value
     if origin is Literal:
-        return value in typing.get_args(tp), value
+        args = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
+        return value in args, value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
