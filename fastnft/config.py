@@ -59,8 +59,10 @@ class EnvConfig:
     """Episode length limit in env steps (PickCube-v1's default of 50 cuts most motion-planned demos)."""
     num_envs: int = 8
     """Parallel environments (on CPU: single-env ManiSkill copies in spawned subprocesses)."""
-    sim_backend: Literal["cpu", "gpu", "auto"] = "auto"
-    """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene; ``auto`` = gpu if CUDA else cpu."""
+    sim_backend: Literal["cpu", "gpu", "auto"] = "cpu"
+    """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene on the policy's GPU (co-located,
+    outputs stay CUDA tensors); ``auto`` = gpu if CUDA else cpu. The default stays ``cpu`` until a GPU run has
+    passed (``fastnft doctor``'s maniskill_gpu check)."""
     train_seed: int = 0
     """Training episodes use seeds ``train_seed + k`` (k counts episodes across iterations)."""
     eval_seed: int = 1_000_000
