@@ -27,7 +27,7 @@ from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
 from fastnft.policies.state_flow import StateFlowPolicy
-from fastnft.profiling import PhaseTimers
+from fastnft.profiling import PhaseTimers, ProfileWindow
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
 from fastnft.update import loss_diagnostics, update_actor
@@ -44,6 +44,7 @@ class StepNFTTrainer:
         env: this rank's vector env, reused for rollouts and evaluation.
         resume: continue from ``cfg.run_dir``'s latest checkpoint (a fresh start when there is none).
         progress: show a tqdm bar on rank 0.
+        profile_steps: ``"a:b"``: run iterations a..b-1 between cudaProfilerStart/Stop (profiling/README.md).
 
     Raises:
         fastnft.engine.CheckpointError: ``resume`` and the latest checkpoint belongs to another config.
@@ -51,10 +52,11 @@ class StepNFTTrainer:
     """
 
     def __init__(self, cfg: ExperimentConfig, policy: StateFlowPolicy, env: VectorEnv, *, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, profile_steps: str | None = None) -> None:
         from fastnft.engine import ActorEngine
 
         self.cfg, self.env, self.progress = cfg, env, progress
+        self.profile = ProfileWindow(profile_steps)
         self.run_dir = Path(cfg.run_dir)
         device = resolve_device(cfg.device)
         policy.set_precision(cfg.engine.dtype)  # before the EMA copy: rollouts run in the same precision
@@ -180,7 +182,9 @@ class StepNFTTrainer:
         bar = tqdm(range(self.start_iter, cfg.iterations), desc="stepnft", initial=self.start_iter,
                    total=cfg.iterations, disable=not (self.progress and self.engine.is_main), mininterval=1.0)
         for it in bar:
+            self.profile.before(it)
             m = self.iteration(it)
+            self.profile.after(it)
             done = it + 1
             self.metrics.log(done, m)
             last = done == cfg.iterations
@@ -193,6 +197,7 @@ class StepNFTTrainer:
             bar.set_postfix(postfix)
             if done % cfg.checkpoint_every == 0 or last:
                 self._save(done)
+        self.profile.close()
         self.metrics.close()
         if self.engine.is_main:
             from fastnft.workflow import save_policy
