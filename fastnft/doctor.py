@@ -48,7 +48,7 @@ def run_doctor(only: list[str] | None = None) -> list[CheckResult]:
     Raises:
         ValueError: a name in ``only`` is not a check.
     """
-    from fastnft.doctor_checks import CHECKS, Skip
+    from fastnft.doctor_checks import CHECKS, NO_CUDA, Skip, run_in_child
 
     names = [c.name for c in CHECKS]
     unknown = [n for n in (only or []) if n not in names]
@@ -60,7 +60,12 @@ def run_doctor(only: list[str] | None = None) -> list[CheckResult]:
             continue
         t0 = time.perf_counter()
         try:
-            detail, status = check.fn(), "pass"
+            if check.gpu and not torch.cuda.is_available():
+                raise Skip(NO_CUDA)
+            if check.isolate:
+                status, detail = run_in_child(check)
+            else:
+                detail, status = check.fn(), "pass"
         except Skip as e:
             detail, status = str(e), "skipped"
         except Exception as e:  # noqa: BLE001 - every failure becomes a row, the next check still runs

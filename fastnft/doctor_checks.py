@@ -3,6 +3,11 @@
 Each check returns a one-line detail string on success and raises on failure; a check that cannot run on this
 machine raises :class:`Skip` with the reason. GPU checks skip without CUDA. Every check is bounded in time (tiny
 configs, few iterations) so that the whole doctor stays within ten minutes on one GPU.
+
+All but the two trivial checks run in a child process each (``python -m fastnft.doctor_checks NAME``): a
+process holds one DeepSpeed accelerator and one process group for its lifetime, so a CPU check must not pin them
+for the GPU checks after it; ``TRITON_INTERPRET`` must be set (or not) before the kernels are defined; and a
+crashing CUDA check must not take the table down.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 __all__ = ["CHECKS", "Check", "Skip"]
 
 NO_CUDA = "no CUDA device visible (torch.cuda.is_available() is False)"
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FASTNFT_SINGLE_PROCESS_PID")
 
 
 class Skip(Exception):
@@ -28,10 +34,13 @@ class Skip(Exception):
 
 
 class Check:
-    """A named check: ``fn() -> detail``; ``gpu`` checks skip without CUDA."""
+    """A named check: ``fn() -> detail``; ``gpu`` checks skip without CUDA; ``isolate`` runs it in a child process
+    with ``env`` applied (a value of None removes the variable); ``timeout`` bounds the child in seconds."""
 
-    def __init__(self, name: str, fn, gpu: bool, what: str) -> None:
+    def __init__(self, name: str, fn, gpu: bool, what: str, isolate: bool = True, env: dict | None = None,
+                 timeout: float = 300.0) -> None:
         self.name, self.fn, self.gpu, self.what = name, fn, gpu, what
+        self.isolate, self.env, self.timeout = isolate, env or {}, timeout
 
 
 def _need_cuda(n: int = 1) -> torch.device:
@@ -83,7 +92,9 @@ def spec_math() -> str:
 
 def kernels_interpreted() -> str:
     """The fused kernels under the Triton interpreter on CPU (fp32, every S8 variant, strided, C = 1, D = 1)."""
-    return _kernel_subprocess("cpu")
+    from fastnft.doctor_kernels import main
+
+    return main("cpu")
 
 
 def bandit_cpu() -> str:
@@ -96,7 +107,9 @@ def bandit_cpu() -> str:
 def kernels_cuda() -> str:
     """Compiled kernels vs the float64 reference: every S8 variant, fp32/bf16/fp16, strided, C = 1 and D = 1."""
     _need_cuda()
-    return _kernel_subprocess("cuda")
+    from fastnft.doctor_kernels import main
+
+    return main("cuda")
 
 
 def sde_noise_cuda() -> str:
@@ -204,7 +217,7 @@ def nccl_two_ranks() -> str:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "fastnft.train", "--no-progress", "--init", str(init),
                "--config", str(_bandit_yaml(Path(tmp))), *sets]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         if out.returncode != 0:
             raise AssertionError(f"torchrun failed: {out.stderr[-800:]}")
@@ -238,11 +251,13 @@ def kernel_bench() -> str:
 
 
 CHECKS = [
-    Check("environment", environment, False, "versions and devices"),
-    Check("spec_math", spec_math, False, "SPEC S2 check values, S7 identity (float64)"),
-    Check("kernels_interpreted", kernels_interpreted, False, "fused kernels vs float64 reference, Triton interpreter"),
+    Check("environment", environment, False, "versions and devices", isolate=False),
+    Check("spec_math", spec_math, False, "SPEC S2 check values, S7 identity (float64)", isolate=False),
+    Check("kernels_interpreted", kernels_interpreted, False, "fused kernels vs float64 reference, Triton interpreter",
+          env={"TRITON_INTERPRET": "1"}),
     Check("bandit_cpu", bandit_cpu, False, "bandit, 1 iteration, CPU"),
-    Check("kernels_cuda", kernels_cuda, True, "compiled kernels vs float64 reference, fp32/bf16/fp16, all S8"),
+    Check("kernels_cuda", kernels_cuda, True, "compiled kernels vs float64 reference, fp32/bf16/fp16, all S8",
+          env={"TRITON_INTERPRET": None}),
     Check("sde_noise_cuda", sde_noise_cuda, True, "fused SDE step noise statistics"),
     Check("bandit_cuda_kernels_on", bandit_cuda_kernels_on, True, "bandit, 3 iterations, CUDA, fused kernels"),
     Check("bandit_cuda_kernels_off", bandit_cuda_kernels_off, True, "bandit, 3 iterations, CUDA, reference"),
@@ -250,7 +265,7 @@ CHECKS = [
     Check("cuda_graph", cuda_graph, True, "CUDA-graph sampler vs eager"),
     Check("maniskill_gpu", maniskill_gpu, True, "ManiSkill PickCube-v1, GPU sim, 2 iterations"),
     Check("nccl_two_ranks", nccl_two_ranks, True, "2 ranks, NCCL, ZeRO-2 (>= 2 GPUs)"),
-    Check("kernel_bench", kernel_bench, True, "short kernel benchmark"),
+    Check("kernel_bench", kernel_bench, True, "short kernel benchmark", env={"TRITON_INTERPRET": None}),
 ]
 
 
@@ -273,20 +288,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _kernel_subprocess(device: str) -> str:
-    """Run :func:`fastnft.doctor_kernels.main` in a child: the interpreter flag must precede the kernels' import."""
-    env = dict(os.environ)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-m", "fastnft.doctor_kernels", device], capture_output=True, text=True,
-                         timeout=420, env=env)
-    if out.returncode != 0:
-        raise AssertionError((out.stdout[-600:] + out.stderr[-900:]).strip())
-    return json.loads(out.stdout.strip().splitlines()[-1])["detail"]
 
 
 def _bandit_overrides(run_dir: Path, device: str) -> list[str]:
@@ -370,3 +371,41 @@ def _pickcube_gpu(iterations: int) -> list[dict]:
         finally:
             env.close()
     return metrics
+
+
+def run_in_child(check: Check) -> tuple[str, str]:
+    """Run ``check`` in a fresh interpreter; returns ``(status, detail)``."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    for k, v in check.env.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    try:
+        out = subprocess.run([sys.executable, "-m", "fastnft.doctor_checks", check.name], capture_output=True,
+                             text=True, timeout=check.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return "fail", f"timed out after {check.timeout:.0f} s"
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return "fail", f"child exited with {out.returncode}: {(out.stdout[-300:] + out.stderr[-700:]).strip()}"
+    res = json.loads(lines[-1])
+    return res["status"], res["detail"]
+
+
+def _child_main(name: str) -> None:
+    import traceback
+
+    check = next(c for c in CHECKS if c.name == name)
+    try:
+        status, detail = "pass", check.fn()
+    except Skip as e:
+        status, detail = "skipped", str(e)
+    except Exception as e:  # noqa: BLE001 - reported as the check's failure
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        status, detail = "fail", f"{type(e).__name__}: {str(e)[:600]} ({Path(last.filename).name}:{last.lineno})"
+    print(json.dumps({"status": status, "detail": detail}), flush=True)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -1,10 +1,10 @@
-"""Kernel check of ``fastnft doctor``, run in a child process: ``python -m fastnft.doctor_kernels cuda|cpu``.
-
-A child, because ``TRITON_INTERPRET`` must be set (cpu) or unset (cuda) before the kernels are defined. Compares
+"""Kernel check of ``fastnft doctor`` (``kernels_interpreted`` / ``kernels_cuda``; also ``python -m
+fastnft.doctor_kernels cuda|cpu``). The doctor runs it in a child whose ``TRITON_INTERPRET`` is set (cpu) or unset
+(cuda) before the kernels are defined. Compares
 the fused StepNFT loss (value and gradient) with the float64 reference for every S8 variant, on strided
 ``[:, :C]`` slices of ``[N, H, D]`` inputs and on the edge shapes C = 1 and D = 1, in float32, bfloat16 and
 float16 on CUDA (float32 in the interpreter, which is slow); and the fused SDE step with explicit noise against
-the reference. Prints one JSON line ``{"detail": ...}`` and exits 0, or raises.
+the reference. :func:`main` returns the detail line or raises.
 """
 
 from __future__ import annotations

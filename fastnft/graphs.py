@@ -11,7 +11,9 @@
   (``CUDAGraph.register_generator_state``), so each replay advances its Philox offset and draws new noise
   (initial noise, SDE noise or the fused step's seed, and solver indices when none are given);
 - the EMA weights are updated in place (:class:`fastnft.engine.ema.EMA`), which the graph reads, so an EMA update
-  needs no recapture; a new shape (N, stochastic, trajectory) or schedule gets its own capture;
+  needs no recapture; a new shape (N, stochastic, trajectory) or schedule gets its own capture. In bf16 mode the
+  captured autocast casts read the fp32 weights on every replay: autocast caches casts only of leaves that
+  require grad, and the EMA copy requires none (a policy whose weights do would replay stale casts);
 - no host sync inside the captured region (the GPU tests check it with ``torch.cuda.set_sync_debug_mode``).
 
 On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state.

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fastnft.config import ExperimentConfig, config_to_dict
 from fastnft.devices import make_generator, resolve_device
-from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save_checkpoint
+from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
 from fastnft.evaluate import all_reduce, evaluate_policy
@@ -94,6 +94,11 @@ class StepNFTTrainer:
         it, state = found
         self.engine.load_checkpoint_state(state["actor"])
         self.ema.load_state_dict(state["ema"])
+        saved_dev = state.get("rng_device", "cpu")  # checkpoints before the device-aware generators were CPU
+        if saved_dev != self.device.type:  # a CPU generator's state does not load into a CUDA generator, and back
+            raise CheckpointError(f"the checkpoint in {self.run_dir} holds {saved_dev} random generator states but "
+                                  f"this run draws on {self.device}; resume on the same device type (set device:) "
+                                  "or start a fresh run_dir")
         self.gen.set_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
         self.history = list(state.get("history", []))
         self.start_iter = it
@@ -107,6 +112,7 @@ class StepNFTTrainer:
             tdist.all_gather_object(gathered, self.gen.get_state())
             rng = gathered
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
+                                           "rng_device": self.device.type,
                                            "history": self.history, "config": config_to_dict(self.cfg)},
                         fingerprint=self.fingerprint)
 

@@ -246,3 +246,22 @@ def test_actor_engine_honours_device_cpu_on_a_cuda_host(monkeypatch):
     assert eng.device == torch.device("cpu") and next(eng.module.parameters()).device.type == "cpu"
     info = eng.train_step(eng.module(torch.randn(4, 3)).pow(2).mean())
     assert info["grad_norm"] > 0
+
+
+def test_resume_across_device_types_is_a_clear_error(tmp_path, monkeypatch):
+    """A CPU run's checkpoint resumed with CUDA generators: the RNG state does not fit; say so and name the fix."""
+    from fastnft.engine import EMA, CheckpointError, config_fingerprint, save_checkpoint
+
+    cfg = _cfg(tmp_path, "float32")
+    monkeypatch.setattr(fengine, "ActorEngine", _engine_factory)
+    torch.manual_seed(0)
+    policy = StateFlowPolicy(4, 2, cfg.policy)
+    save_checkpoint(tmp_path / "run", 1, {"actor": {}, "ema": EMA(policy).state_dict(),
+                                          "rng": [torch.Generator().get_state()], "rng_device": "cpu"},
+                    fingerprint=config_fingerprint(cfg))
+    with fake_cuda():
+        policy.to(CUDA0)
+        tr = trainer_mod.StepNFTTrainer(cfg, policy, DeviceEnv(6, CUDA0), progress=False)
+        tr.engine.load_checkpoint_state = lambda s: None  # the actor part is not what this test is about
+        with pytest.raises(CheckpointError, match="holds cpu random generator states"):
+            tr._resume()
