@@ -104,8 +104,8 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
         ``(rank, world_size)``.
 
     Raises:
-        RuntimeError: only some of the launcher variables are set (a broken launch), or DeepSpeed was already
-            set up for another accelerator than ``device``; the message names them.
+        RuntimeError: only some of the launcher variables are set (a broken launch); the message names them.
+            (An accelerator that DeepSpeed already chose differently is reported by ``ActorEngine``.)
     """
     if device is not None and torch.device(device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at DeepSpeed's first get_accelerator()
