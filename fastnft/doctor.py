@@ -12,7 +12,6 @@ check failed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import traceback
 from dataclasses import asdict, dataclass

@@ -47,7 +47,7 @@ _RealGenerator = torch.Generator
 class FakeCudaGenerator(_RealGenerator):
     """A CPU generator that reports a CUDA device (what ``torch.Generator(device="cuda")`` returns in fake mode)."""
 
-    def __new__(cls, device: torch.device) -> FakeCudaGenerator:
+    def __new__(cls, device: torch.device) -> FakeCudaGenerator:  # noqa: PYI034 (a C type: no typing.Self)
         obj = _RealGenerator.__new__(cls)  # a CPU generator underneath
         obj._fake_device = device
         return obj

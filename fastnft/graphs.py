@@ -98,7 +98,7 @@ class GraphedSampler:
         Raises:
             ValueError: as :meth:`StateFlowPolicy.sample`; a graphed call also needs a CUDA ``generator``.
         """
-        kw = dict(stochastic=stochastic, generator=generator, step_fn=step_fn, keep_trajectory=keep_trajectory)
+        kw = {"stochastic": stochastic, "generator": generator, "step_fn": step_fn, "keep_trajectory": keep_trajectory}
         if not self.enabled:
             return self.policy.sample(obs, schedule, step_index=step_index, **kw)
         if generator is None or generator.device.type != "cuda":

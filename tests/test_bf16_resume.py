@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str]) -> None:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(), check=False)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
 
 

@@ -134,8 +134,8 @@ def _fake_iteration(tmp_path, monkeypatch, dtype="float32"):
         env.reset(list(range(env.num_envs)))
         env.step_chunk(torch.zeros(env.num_envs, 3, env.act_dim, device=CUDA0))
         env_syncs = fc.host_syncs - syncs_before
-    return dict(cfg=cfg, trainer=trainer, metrics=metrics, ev=ev, state=state, fc=fc, buf=bufs[0], env=env,
-                env_syncs=env_syncs, losses=trainer.engine.engine.losses)
+    return {"cfg": cfg, "trainer": trainer, "metrics": metrics, "ev": ev, "state": state, "fc": fc, "buf": bufs[0],
+            "env": env, "env_syncs": env_syncs, "losses": trainer.engine.engine.losses}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
