@@ -41,8 +41,11 @@ class CheckResult:
     detail: str
 
 
-def run_doctor(only: list[str] | None = None) -> list[CheckResult]:
+def run_doctor(only: list[str] | None = None, budget_s: float = 600.0) -> list[CheckResult]:
     """Run the checks (all, or those named in ``only``) in order; a failing check never stops the others.
+
+    The whole run is bounded by ``budget_s`` seconds: a child check gets at most the time left (it fails when it
+    runs out), and checks after the budget is spent are skipped with that reason.
 
     Raises:
         ValueError: a name in ``only`` is not a check.
@@ -54,15 +57,19 @@ def run_doctor(only: list[str] | None = None) -> list[CheckResult]:
     if unknown:
         raise ValueError(f"unknown doctor check(s) {unknown}; choose from {', '.join(names)}")
     results = []
+    deadline = time.perf_counter() + budget_s
     for check in CHECKS:
         if only and check.name not in only:
             continue
         t0 = time.perf_counter()
+        left = deadline - t0
         try:
             if check.gpu and not torch.cuda.is_available():
                 raise Skip(NO_CUDA)
+            if left < 5:
+                raise Skip(f"the doctor's time budget of {budget_s:.0f} s is spent")
             if check.isolate:
-                status, detail = run_in_child(check)
+                status, detail = run_in_child(check, timeout=min(check.timeout, left))
             else:
                 detail, status = check.fn(), "pass"
         except Skip as e:

@@ -373,8 +373,10 @@ def _pickcube_gpu(iterations: int) -> list[dict]:
     return metrics
 
 
-def run_in_child(check: Check) -> tuple[str, str]:
-    """Run ``check`` in a fresh interpreter; returns ``(status, detail)``."""
+def run_in_child(check: Check, timeout: float | None = None) -> tuple[str, str]:
+    """Run ``check`` in a fresh interpreter for at most ``timeout`` seconds (default ``check.timeout``); returns
+    ``(status, detail)``."""
+    timeout = check.timeout if timeout is None else timeout
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     for k, v in check.env.items():
         if v is None:
@@ -383,9 +385,9 @@ def run_in_child(check: Check) -> tuple[str, str]:
             env[k] = v
     try:
         out = subprocess.run([sys.executable, "-m", "fastnft.doctor_checks", check.name], capture_output=True,
-                             text=True, timeout=check.timeout, env=env, check=False)
+                             text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return "fail", f"timed out after {check.timeout:.0f} s"
+        return "fail", f"timed out after {timeout:.0f} s"
     lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         return "fail", f"child exited with {out.returncode}: {(out.stdout[-300:] + out.stderr[-700:]).strip()}"

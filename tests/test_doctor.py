@@ -61,3 +61,12 @@ def test_a_failing_check_is_a_fail_row_and_the_others_still_run(monkeypatch):
     assert [(r.name, r.status) for r in res] == [("a", "fail"), ("b", "skipped"), ("c", "pass")]
     assert "kernel mismatch" in res[0].detail and res[1].detail == "needs 2 CUDA devices"
     assert "1 passed, 1 failed, 1 skipped" in format_results(res)
+
+
+def test_checks_after_the_time_budget_are_skipped(monkeypatch):
+    import fastnft.doctor_checks as dc
+    from fastnft.doctor import run_doctor
+
+    monkeypatch.setattr(dc, "CHECKS", [dc.Check("a", lambda: "ran", False, "", isolate=False)])
+    res = run_doctor(budget_s=0.0)
+    assert res[0].status == "skipped" and "time budget" in res[0].detail
