@@ -126,8 +126,12 @@ def test_update(benchmark):
                         x0=torch.randn(M, H, D, generator=g), step=torch.randint(0, 4, (M,), generator=g),
                         y=torch.where(torch.rand(M, generator=g) < 0.5, -1.0, 1.0),
                         episode=torch.arange(M))
-    sch = flow_sde_schedule(cfg.policy.num_steps, cfg.nft.noise_level).to(dtype=torch.float32)
+    buf = buf.to(engine.device)  # the data goes to the actor's device (CUDA on a GPU host)
+    sch = flow_sde_schedule(cfg.policy.num_steps, cfg.nft.noise_level).to(device=engine.device, dtype=torch.float32)
+    from fastnft.devices import make_generator
     from fastnft.update import update_actor
+
+    g = make_generator(engine.device, 0)
 
     def run():
         update_actor(engine, buf, sch, cfg.nft, cfg.policy.chunk, update_epochs=1, micro_batch=cfg.train.micro_batch,

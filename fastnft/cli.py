@@ -1,4 +1,6 @@
-"""``fastnft`` command line: demos | sft | train | eval | pipeline | grid.
+"""``fastnft`` command line: doctor | demos | sft | train | eval | pipeline | grid.
+
+    fastnft doctor                                               # first command on a GPU machine: what works
 
     fastnft pipeline --config configs/pickcube_stepnft.yaml      # the main job, end to end
     fastnft demos --config configs/pickcube_stepnft.yaml         # motion-planned demonstrations
@@ -131,6 +133,14 @@ def _cmd_grid(args: argparse.Namespace) -> None:
         print(f"  {arm:10s} {g['n']} runs, mean gain {g.get('mean', float('nan')):+.1f} points{ci_s}")
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from fastnft.doctor import run_from_args
+
+    rc = run_from_args(args)
+    if rc:
+        sys.exit(rc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastnft`` argument parser."""
     from fastnft.train import add_train_args
@@ -138,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastnft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    doc = sub.add_parser("doctor", help="run the GPU checks (CPU-side checks without a GPU); pass/fail/skipped table")
+    from fastnft.doctor import add_doctor_args
+
+    add_doctor_args(doc)
+    doc.set_defaults(func=_cmd_doctor)
     d = sub.add_parser("demos", help="generate motion-planned demonstrations")
     _common(d)
     d.set_defaults(func=_cmd_demos)

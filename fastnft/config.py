@@ -27,6 +27,7 @@ __all__ = [
     "GRPOConfig",
     "NFTConfig",
     "PolicyConfig",
+    "RolloutConfig",
     "SFTConfig",
     "TrainConfig",
     "apply_overrides",
@@ -59,8 +60,10 @@ class EnvConfig:
     """Episode length limit in env steps (PickCube-v1's default of 50 cuts most motion-planned demos)."""
     num_envs: int = 8
     """Parallel environments (on CPU: single-env ManiSkill copies in spawned subprocesses)."""
-    sim_backend: Literal["cpu", "gpu", "auto"] = "auto"
-    """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene; ``auto`` = gpu if CUDA else cpu."""
+    sim_backend: Literal["cpu", "gpu", "auto"] = "cpu"
+    """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene on the policy's GPU (co-located,
+    outputs stay CUDA tensors); ``auto`` = gpu if CUDA else cpu. The default stays ``cpu`` until a GPU run has
+    passed (``fastnft doctor``'s maniskill_gpu check)."""
     train_seed: int = 0
     """Training episodes use seeds ``train_seed + k`` (k counts episodes across iterations)."""
     eval_seed: int = 1_000_000
@@ -233,10 +236,20 @@ class EngineConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """``auto``: fused Triton kernels where supported and faster (CUDA), else the PyTorch reference."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Training precision of the action expert (bf16 needs a GPU)."""
+    """Compute precision of the policy: ``bfloat16`` runs its forward under torch autocast (CPU and CUDA) while
+    the optimizer, EMA and checkpoints keep fp32 master weights; the loss is always fp32 (SPEC S6)."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How rollouts execute on the device (the results do not depend on it)."""
+
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """Capture the K-step sampler in a CUDA graph per shape: ``auto`` = on for CUDA, eager elsewhere; ``on`` needs
+    CUDA; ``off`` always eager."""
 
 
 @dataclass(kw_only=True)
@@ -331,6 +344,8 @@ class ExperimentConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How rollouts execute on the device (CUDA graphs); see :class:`RolloutConfig`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """Flow-GRPO settings (used only with ``algo: grpo``)."""
@@ -366,7 +381,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is Any:
         return True, value
     if origin is Literal:
-        return value in typing.get_args(tp), value
+        args = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
+        return value in args, value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from fastnft.devices import make_generator
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
@@ -32,9 +33,15 @@ __all__ = [
 
 
 def all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
-    """In-place all-reduce when several ranks run; identity otherwise."""
+    """All-reduce of ``t`` over ranks (identity with one rank); returns the result on ``t``'s device and dtype.
+
+    The collective runs on a copy on :func:`fastnft.engine.dist.collective_device` (CUDA for an NCCL group, CPU for
+    gloo), so callers may pass tensors of any device.
+    """
     if fdist.is_initialized() and fdist.world_size() > 1:
-        tdist.all_reduce(t, op=op)
+        work = t.to(fdist.collective_device())
+        tdist.all_reduce(work, op=op)
+        return work.to(t.device)
     return t
 
 
@@ -48,8 +55,8 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
         env: vector env (reset per round of ``num_envs`` episodes).
         seeds: held-out episode seeds of this rank.
         num_steps: K denoising steps.
-        device: the policy's device.
-        seed: seed of the initial sampler noise (fixed so that evaluation is repeatable).
+        device: the policy's device; the sampler noise is drawn there.
+        seed: seed of the initial sampler noise (fixed so that evaluation is repeatable on one device type).
 
     The sampler noise of each round of ``env.num_envs`` episodes comes from a generator seeded by ``seed`` and
     the round's first episode seed. So two policies evaluated on the same seeds see the same initial states AND
@@ -65,7 +72,7 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
     steps_sum = 0
     N = env.num_envs
     for k in range(0, len(seeds), N):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + seeds[k])
+        gen = make_generator(device, seed * 1_000_003 + seeds[k])
         _, st = run_episodes(policy, env, sch, seeds[k:k + N], stochastic=False, record=False, generator=gen,
                              device=device)
         succ.append(st.episode_success.to(torch.long))

@@ -177,7 +177,9 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
     t0 = time.time()
     sft_path, _ = run_sft_stage(cfg, progress=False)
     sft_s = time.time() - t0
-    fdist.init_distributed()
+    from fastnft.devices import resolve_device
+
+    fdist.init_distributed(device=resolve_device(cfg.device))
     policy, _ = load_policy(sft_path, cfg)
     env = make_env(cfg.env)
     t0 = time.time()

@@ -61,6 +61,7 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
     Returns:
         The report dict (also written to ``<run_dir>/report.json``).
     """
+    from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
     from fastnft.workflow import demo_path, run_sft_stage
@@ -78,7 +79,7 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
     t0 = time.time()
     sft_path, sft_meta = run_sft_stage(cfg, progress=progress)
     stages["sft_s"] = time.time() - t0
-    fdist.init_distributed()
+    fdist.init_distributed(device=resolve_device(cfg.device))
     env = make_env(cfg.env)
     runs: dict[str, dict[str, Any]] = {}
     try:

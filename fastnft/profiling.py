@@ -26,7 +26,7 @@ try:  # pragma: no cover - import guard
 except ImportError:  # pragma: no cover
     _nvtx = None
 
-__all__ = ["PhaseTimers"]
+__all__ = ["PhaseTimers", "ProfileWindow"]
 
 
 class PhaseTimers:
@@ -70,3 +70,57 @@ class PhaseTimers:
             self.totals.clear()
             self.counts.clear()
         return out
+
+
+class ProfileWindow:
+    """``--profile-steps a:b``: iterations ``a .. b-1`` (0-based) run between ``cudaProfilerStart`` and
+    ``cudaProfilerStop``, so ``nsys profile --capture-range=cudaProfilerApi`` records exactly them.
+
+    Iteration 0 is never inside the window: it captures the CUDA graphs and compiles the Triton kernels (warm-up).
+    Without CUDA the window only records which iterations it would cover.
+
+    Args:
+        spec: ``"a:b"`` with ``1 <= a < b``, or None (no window).
+
+    Raises:
+        ValueError: a malformed spec or ``a < 1`` (the message names the fix).
+    """
+
+    def __init__(self, spec: str | None) -> None:
+        self.start = self.stop = None
+        self.active = False
+        self.profiled: list[int] = []
+        if spec is None:
+            return
+        parts = spec.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--profile-steps must look like a:b (iterations a..b-1), got {spec!r}")
+        a, b = int(parts[0]), int(parts[1])
+        if not 1 <= a < b:
+            raise ValueError(f"--profile-steps {spec}: need 1 <= a < b; iteration 0 is warm-up (graph capture, "
+                             "kernel compilation), so start at 1 or later")
+        self.start, self.stop = a, b
+
+    def _profiler(self, on: bool) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the window's edges fall between iterations, not inside queued work
+            (torch.cuda.profiler.start if on else torch.cuda.profiler.stop)()
+
+    def before(self, it: int) -> None:
+        """Call before iteration ``it``: opens the window at ``a``."""
+        if self.start is not None and it == self.start:
+            self._profiler(True)
+            self.active = True
+        if self.active:
+            self.profiled.append(it)
+
+    def after(self, it: int) -> None:
+        """Call after iteration ``it``: closes the window after ``b - 1`` (or the last iteration)."""
+        if self.active and it + 1 >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        """Close the window if open (end of training)."""
+        if self.active:
+            self._profiler(False)
+            self.active = False

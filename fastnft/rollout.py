@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastnft.config import NFTConfig
+from fastnft.devices import check_generator
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.profiling import PhaseTimers
@@ -203,18 +204,20 @@ def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Ten
     if mode == "none":
         return labels
     if mode == "shuffled":
-        perm = torch.randperm(labels.numel(), generator=generator)
-        return labels[perm.to(labels.device)]
+        check_generator(generator, labels, "label shuffling")
+        return labels[torch.randperm(labels.numel(), generator=generator, device=labels.device)]
     if mode == "zero":
         return torch.zeros_like(labels)
     raise ValueError(f"label control must be 'none', 'shuffled' or 'zero', got {mode!r}")
 
 
-def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator) -> Tensor:
-    """``[n, per_call]`` distinct solver indices per call (S3: uniform, fixed across update epochs)."""
+def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator,
+                  device: torch.device) -> Tensor:
+    """``[n, per_call]`` distinct solver indices per call on ``device`` (S3: uniform, fixed across update epochs)."""
     if fixed is not None:
-        return torch.full((n, 1), fixed, dtype=torch.long)
-    return torch.rand(n, k, generator=gen).argsort(dim=1)[:, :per_call]
+        return torch.full((n, 1), fixed, dtype=torch.long, device=device)
+    check_generator(gen, device, "solver step indices")
+    return torch.rand(n, k, generator=gen, device=device).argsort(dim=1)[:, :per_call]
 
 
 @torch.no_grad()
@@ -222,8 +225,8 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
                  device: torch.device | str = "cpu", group_size: int = 1,
-                 label_control: str = "none", algo: str = "stepnft",
-                 adv_eps: float = 1e-4) -> tuple[RolloutBuffer | None, RolloutStats]:
+                 label_control: str = "none", algo: str = "stepnft", adv_eps: float = 1e-4,
+                 sampler=None) -> tuple[RolloutBuffer | None, RolloutStats]:
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
@@ -234,16 +237,19 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
             runs extra envs on repeated seeds and discards them).
         stochastic: Flow-SDE sampling (training) or deterministic ODE (evaluation, S2c).
         record: store S3 tuples and S4 labels.
-        generator: RNG (CPU) for noise and step indices.
+        generator: RNG for noise and step indices, on ``device`` (fastnft.devices' draw rule).
         nft: needed when ``record``: ``steps_per_call`` and ``step`` (random / fixed:j).
         step_fn: SDE step implementation (reference or fused kernel).
         timers: optional phase timers (``rollout/sample``, ``env/step``).
-        device: device of the policy.
+        device: device of the policy and of the returned buffer (env outputs are moved here; a GPU simulator's
+            already live here).
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
         label_control: ``none`` | ``shuffled`` | ``zero``, see :func:`control_labels` (control experiments).
         algo: ``stepnft`` (S4 labels) or ``grpo`` (``y`` = :func:`grpo_advantages` over groups of
             ``group_size``; the label control then applies to the advantages).
         adv_eps: the advantage's std epsilon (``grpo`` only).
+        sampler: object with ``policy.sample``'s signature (``fastnft.graphs.GraphedSampler``: CUDA-graph replays);
+            None = ``policy.sample``. Its output is only read (indexed, hence copied) before the next call.
 
     Returns:
         ``(buffer or None, stats)``.
@@ -262,34 +268,35 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     ep_success, ep_steps, ep_score = [], [], []
     stats = RolloutStats()
     n_rounds = math.ceil(len(seeds) / N)
+    device = torch.device(device)
     sch = schedule.to(device=device, dtype=torch.float32)
+    calls = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per call
     for r in range(n_rounds):
         round_seeds = seeds[r * N:(r + 1) * N]
         n_real = len(round_seeds)
         round_seeds = round_seeds + [round_seeds[-1]] * (N - n_real)
         with timers.range("env/reset"):
             obs = env.reset(round_seeds)
-        steps = torch.zeros(N, dtype=torch.long)
-        ret = torch.zeros(N)
+        steps = torch.zeros(N, dtype=torch.long, device=device)
+        ret = torch.zeros(N, device=device)
         ep_base = r * N
         max_calls = math.ceil(env.max_episode_steps / C)
         for _ in range(max_calls):
-            active = ~env.done
+            active = (~env.done).to(device)
+            # One host sync per policy call (C env steps): the loop must know whether any episode still runs.
             if not bool(active.any()):
                 break
             with timers.range("rollout/sample"):
                 obs_d = obs.to(device)
-                step_idx = _choose_steps(N, K, per_call, fixed, generator) if record else None
-                rec = policy.sample(obs_d, sch, stochastic=stochastic, generator=generator,
-                                    step_index=None if step_idx is None else step_idx[:, 0].to(device),
+                step_idx = _choose_steps(N, K, per_call, fixed, generator, device) if record else None
+                rec = (sampler or policy).sample(obs_d, sch, stochastic=stochastic, generator=generator,
+                                    step_index=None if step_idx is None else step_idx[:, 0],
                                     step_fn=step_fn, keep_trajectory=record and per_call > 1)
-                actions = policy.to_env_actions(rec.actions[:, :C]).cpu()
+                actions = policy.to_env_actions(rec.actions[:, :C])  # the env moves them to its device
             if record:
-                keep = active.clone()
-                keep[n_real:] = False
-                kd = keep.to(device)
+                kd = active & (torch.arange(N, device=device) < n_real)
                 for j in range(step_idx.shape[1]):
-                    si = step_idx[:, j].to(device)
+                    si = step_idx[:, j]
                     if per_call > 1:
                         ar = torch.arange(N, device=device)
                         x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
@@ -302,13 +309,13 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
                     rows["x0"].append(rec.actions[kd])
                     rows["step"].append(si[kd])
                     rows["episode"].append((ep_base + torch.arange(N, device=device))[kd])
-                stats.policy_calls += int(keep.sum())
+                calls += kd.sum()
             with timers.range("env/step"):
                 res = env.step_chunk(actions)
-            steps += res.steps
-            ret += res.reward.float()
+            steps += res.steps.to(device)
+            ret += res.reward.float().to(device)
             obs = res.obs
-        succ = env.success_once[:n_real].clone()
+        succ = env.success_once[:n_real].to(device)
         ep_success.append(succ)
         ep_steps.append(steps[:n_real])
         ep_score.append(dense_episode_score(ret[:n_real], steps[:n_real], succ, env.max_episode_steps))
@@ -318,6 +325,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     stats.episode_score = torch.cat(ep_score) if ep_score else stats.episode_score
     stats.episodes = int(stats.episode_success.numel())
     stats.successes = int(stats.episode_success.sum())
+    stats.policy_calls = int(calls)
     stats.time = timers.summary(reset=False)
     policy.train(was_training)
     if not record:

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from fastnft.devices import check_generator
+
 __all__ = [
     "FlowSDESchedule",
     "SampleRecord",
@@ -106,12 +108,16 @@ def sde_step(x_t: Tensor, v: Tensor, A: Tensor, B: Tensor, std: Tensor, z: Tenso
         v: ``[N, H, D]`` velocity at ``(x_t, t_i)``, same dtype.
         A, B, std: per-sample coefficients ``[N]`` (or scalars / 0-d tensors) of step ``i``.
         z: optional ``[N, H, D]`` standard normal noise; drawn from ``generator`` when None.
-        generator: torch RNG for ``z``.
+        generator: torch RNG for ``z``, on ``x_t``'s device (fastnft.devices' draw rule).
 
     Returns:
         ``[N, H, D]`` next sampler state, dtype of ``x_t``.
+
+    Raises:
+        ValueError: ``generator`` lives on another device than ``x_t``.
     """
     if z is None:
+        check_generator(generator, x_t, "Flow-SDE step noise")
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     A, B, std = (_per_sample(c, x_t) for c in (A, B, std))
     return A * x_t + B * v + std * z
@@ -161,6 +167,16 @@ class SampleRecord:
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _bind_step(step_fn: StepFn, generator: torch.Generator | None, like: Tensor) -> Callable[..., Tensor]:
+    """The step of one sampling call: ``step_fn.bind(generator, like)`` where the implementation offers it (the
+    fused step draws ONE Philox seed per call and advances the counter per step), else ``step_fn`` with
+    ``generator`` bound."""
+    bind = getattr(step_fn, "bind", None)
+    if bind is not None:
+        return bind(generator, like)
+    return lambda x, v, A, B, std: step_fn(x, v, A, B, std, generator=generator)
+
+
 @torch.no_grad()
 def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
                    step_index: Tensor | None = None, generator: torch.Generator | None = None,
@@ -176,7 +192,7 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
         schedule: from :func:`flow_sde_schedule` (moved to ``noise``'s device/dtype here).
         stochastic: True: Flow-SDE steps S2 (training rollouts, all K steps); False: Euler ODE S2c (evaluation).
         step_index: ``[N]`` int64 solver index to record (S3); drawn ``U{0..K-1}`` from ``generator`` when None.
-        generator: RNG for the step index and the SDE noise.
+        generator: RNG for the step index and the SDE noise, on ``noise``'s device.
         step_fn: implementation of the SDE step; defaults to the reference :func:`sde_step`.
         keep_trajectory: also return all K+1 states and K velocities (to store several solver steps per call).
 
@@ -184,13 +200,15 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
         :class:`SampleRecord`.
 
     Raises:
-        ValueError: ``noise`` is not 3-D or ``step_index`` has the wrong shape or range.
+        ValueError: ``noise`` is not 3-D, ``step_index`` has the wrong shape or range, or ``generator`` lives on
+            another device than ``noise``.
     """
     if noise.dim() != 3:
         raise ValueError(f"noise must be [N, H, D], got shape {tuple(noise.shape)}")
     N = noise.shape[0]
     K = schedule.num_steps
     sch = schedule.to(device=noise.device, dtype=noise.dtype)
+    check_generator(generator, noise, "sampler step index / SDE noise")
     if step_index is None:
         step_index = torch.randint(0, K, (N,), generator=generator, device=noise.device)
     if step_index.shape != (N,):
@@ -200,12 +218,14 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
     rec_x = torch.zeros_like(noise)
     rec_v = torch.zeros_like(noise)
     rec_next = torch.zeros_like(noise)
-    ones = torch.ones(N, device=noise.device, dtype=noise.dtype)
     states, vels = [noise], []
+    # Coefficients go in as 0-d views of the schedule (stride-0 broadcast), so an SDE step is one kernel launch
+    # with the fused step (no per-step `coef * ones` tensors); `t` is an expanded view for the same reason.
+    step = _bind_step(step_fn, generator, noise)
     for i in range(K):
-        v = velocity_fn(x, sch.t[i] * ones)
+        v = velocity_fn(x, sch.t[i].expand(N))
         if stochastic:
-            x_new = step_fn(x, v, sch.A[i] * ones, sch.B[i] * ones, sch.std[i] * ones, generator=generator)
+            x_new = step(x, v, sch.A[i], sch.B[i], sch.std[i])
         else:
             x_new = ode_step(x, v, sch.delta)
         hit = (step_index == i).view(N, 1, 1)

@@ -29,6 +29,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="build config, env, policy and engine, then exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="run iterations A..B-1 between cudaProfilerStart/Stop (after warm-up; A >= 1) for "
+                        "`nsys profile --capture-range=cudaProfilerApi` (profiling/README.md)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
 
 
@@ -43,8 +46,7 @@ def run_train(args: argparse.Namespace) -> dict:
     from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
-    resolve_device(cfg.device)
-    fdist.init_distributed()
+    fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host
     init = Path(args.init) if args.init else sft_checkpoint_path(cfg)
     policy, _ = load_policy(init, cfg)
     env = make_env(cfg.env)
@@ -52,7 +54,8 @@ def run_train(args: argparse.Namespace) -> dict:
         if fdist.is_main():
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        trainer = StepNFTTrainer(cfg, policy, env, resume=args.resume, progress=not args.no_progress)
+        trainer = StepNFTTrainer(cfg, policy, env, resume=args.resume, progress=not args.no_progress,
+                                 profile_steps=args.profile_steps)
         if args.dry_run:
             print(json.dumps({"dry_run": "ok", "run_dir": cfg.run_dir, "obs_dim": policy.obs_dim,
                               "act_dim": policy.act_dim, "parameters": sum(p.numel() for p in policy.parameters()),

@@ -18,15 +18,17 @@ import torch.distributed as tdist
 from tqdm.auto import tqdm
 
 from fastnft.config import ExperimentConfig, config_to_dict
-from fastnft.engine import EMA, config_fingerprint, ema_decay, load_latest, save_checkpoint
+from fastnft.devices import make_generator, resolve_device
+from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
 from fastnft.evaluate import all_reduce, evaluate_policy
+from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
 from fastnft.nft import grpo_loss
 from fastnft.policies.state_flow import StateFlowPolicy
-from fastnft.profiling import PhaseTimers
+from fastnft.profiling import PhaseTimers, ProfileWindow
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
 from fastnft.update import gradient_signal, loss_diagnostics, update_actor
@@ -49,6 +51,7 @@ class StepNFTTrainer:
         env: this rank's vector env, reused for rollouts and evaluation.
         resume: continue from ``cfg.run_dir``'s latest checkpoint (a fresh start when there is none).
         progress: show a tqdm bar on rank 0.
+        profile_steps: ``"a:b"``: run iterations a..b-1 between cudaProfilerStart/Stop (profiling/README.md).
 
     Raises:
         fastnft.engine.CheckpointError: ``resume`` and the latest checkpoint belongs to another config.
@@ -56,13 +59,16 @@ class StepNFTTrainer:
     """
 
     def __init__(self, cfg: ExperimentConfig, policy: StateFlowPolicy, env: VectorEnv, *, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, profile_steps: str | None = None) -> None:
         from fastnft.engine import ActorEngine
 
         self.cfg, self.env, self.progress = cfg, env, progress
+        self.profile = ProfileWindow(profile_steps)
         self.run_dir = Path(cfg.run_dir)
+        device = resolve_device(cfg.device)
+        policy.set_precision(cfg.engine.dtype)  # before the EMA copy: rollouts run in the same precision
         self.ema = EMA(policy)  # before the engine: ZeRO-3 partitions the live parameters
-        self.engine = ActorEngine(policy, cfg.train, cfg.engine)
+        self.engine = ActorEngine(policy, cfg.train, cfg.engine, device=device)
         self.device = self.engine.device
         self.ema.module.to(self.device)
         self.rank, self.world = self.engine.rank, self.engine.world_size
@@ -74,7 +80,8 @@ class StepNFTTrainer:
         self.grpo = cfg.grpo if cfg.algo == "grpo" else None
         self.loss_fn = grpo_loss if self.grpo else get_stepnft_loss(cfg.engine.kernels, self.device)
         self.step_fn = get_sde_step(cfg.engine.kernels, self.device)
-        self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
+        self.gen = make_generator(self.device, cfg.train.seed * 1000 + self.rank)
+        self.sampler = GraphedSampler(self.ema.module, cfg.rollout.cuda_graphs)  # EMA updates are in place
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, float]] = []
@@ -96,6 +103,11 @@ class StepNFTTrainer:
         it, state = found
         self.engine.load_checkpoint_state(state["actor"])
         self.ema.load_state_dict(state["ema"])
+        saved_dev = state.get("rng_device", "cpu")  # checkpoints before the device-aware generators were CPU
+        if saved_dev != self.device.type:  # a CPU generator's state does not load into a CUDA generator, and back
+            raise CheckpointError(f"the checkpoint in {self.run_dir} holds {saved_dev} random generator states but "
+                                  f"this run draws on {self.device}; resume on the same device type (set device:) "
+                                  "or start a fresh run_dir")
         self.gen.set_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
         self.history = list(state.get("history", []))
         self.start_iter = it
@@ -109,6 +121,7 @@ class StepNFTTrainer:
             tdist.all_gather_object(gathered, self.gen.get_state())
             rng = gathered
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
+                                           "rng_device": self.device.type,
                                            "history": self.history, "config": config_to_dict(self.cfg)},
                         fingerprint=self.fingerprint)
 
@@ -140,14 +153,14 @@ class StepNFTTrainer:
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
                                record=True, generator=self.gen, nft=cfg.nft, step_fn=self.step_fn, timers=timers,
-                               device=self.device, group_size=cfg.train.group_size,
+                               device=self.device, group_size=cfg.train.group_size, sampler=self.sampler,
                                label_control=cfg.train.label_control, algo=cfg.algo, adv_eps=cfg.grpo.adv_eps)
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
         m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
-            buf = buf.index(torch.randperm(len(buf), generator=self.gen)[: int(m)].to(buf.step.device))
+            buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
         fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/",
                                  grpo=self.grpo)
         if cfg.train.diagnostics and self.engine.zero_stage < 3:
@@ -197,7 +210,9 @@ class StepNFTTrainer:
         bar = tqdm(range(self.start_iter, cfg.iterations), desc=self.cfg.algo, initial=self.start_iter,
                    total=cfg.iterations, disable=not (self.progress and self.engine.is_main), mininterval=1.0)
         for it in bar:
+            self.profile.before(it)
             m = self.iteration(it)
+            self.profile.after(it)
             done = it + 1
             self.metrics.log(done, m)
             last = done == cfg.iterations
@@ -210,6 +225,7 @@ class StepNFTTrainer:
             bar.set_postfix(postfix)
             if done % cfg.checkpoint_every == 0 or last:
                 self._save(done)
+        self.profile.close()
         self.metrics.close()
         if self.engine.is_main:
             from fastnft.workflow import save_policy

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastnft.config import GRPOConfig, NFTConfig
+from fastnft.devices import check_generator
 from fastnft.nft import grpo_terms, masked_token_mean, stepnft_terms
 from fastnft.rollout import RolloutBuffer
 from fastnft.sde import FlowSDESchedule
@@ -155,14 +156,17 @@ def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESch
     """
     M = len(buf)
     dev = buf.step.device
-    rows = torch.randperm(M, generator=generator)[:max_rows].to(dev)
+    check_generator(generator, buf.step, "gradient-signal split")
+    rows = torch.randperm(M, generator=generator, device=dev)[:max_rows]
     mb = buf.index(rows)
+    if not any(p.requires_grad for p in module.parameters()):
+        return {}  # nothing trains (e.g. a frozen module): no gradient to diagnose
     eps, inv = torch.unique(mb.episode, return_inverse=True)
     E = int(eps.numel())
     if E < 4:
         return {}
     ep_y = torch.zeros(E, device=dev, dtype=mb.y.dtype).scatter_(0, inv, mb.y)
-    perm = torch.randperm(E, generator=generator).to(dev)
+    perm = torch.randperm(E, generator=generator, device=dev)
     half = torch.zeros(E, dtype=torch.bool, device=dev)
     half[perm[: E // 2]] = True
     in_a = half[inv]
@@ -175,7 +179,7 @@ def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESch
         g_b = _flat_grad(module, buffer_loss(module, mb.index((~in_a).nonzero().squeeze(1)), sch, nft, C, loss_fn,
                                              grpo))
         shuf = mb.index(torch.arange(len(mb), device=dev))
-        shuf.y = ep_y[torch.randperm(E, generator=generator).to(dev)][inv]
+        shuf.y = ep_y[torch.randperm(E, generator=generator, device=dev)][inv]
         g_s = _flat_grad(module, buffer_loss(module, shuf, sch, nft, C, loss_fn, grpo))
     module.train(was_training)
     gn2 = float(g.pow(2).sum())
@@ -191,6 +195,8 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
     """Update epochs x shuffled micro-batches; one optimizer step per micro-batch.
 
     ``grpo``: the Flow-GRPO config (``loss_fn`` is then ``fastnft.nft.grpo_loss``); None = StepNFT.
+    ``generator`` shuffles on the buffer's device (fastnft.devices' draw rule). Losses stay on the device until
+    the end: one host sync per call, not per micro-batch.
 
     With several ranks each rank steps on its own buffer. Every rank must take the same number of steps (DeepSpeed
     averages gradients collectively), so the caller trims all buffers to the smallest one first.
@@ -202,15 +208,16 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
     losses, norms, steps = [], [], 0
     engine.module.train()
     for _ in range(update_epochs):
-        perm = torch.randperm(M, generator=generator).to(buf.step.device)
+        check_generator(generator, buf.step, "update shuffling")
+        perm = torch.randperm(M, generator=generator, device=buf.step.device)
         for s in range(0, M, micro_batch):
             mb = buf.index(perm[s:s + micro_batch])
             loss = buffer_loss(engine.module, mb, sch, nft, C, loss_fn, grpo)
             out = engine.train_step(loss)
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if out.get("grad_norm") is not None:
                 norms.append(float(out["grad_norm"]))
             steps += 1
-    return {"update/loss": sum(losses) / max(len(losses), 1),
+    return {"update/loss": float(torch.stack(losses).double().mean()) if losses else 0.0,
             "update/grad_norm": sum(norms) / max(len(norms), 1) if norms else float("nan"),
             "update/steps": float(steps)}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fastnft.config import ExperimentConfig, config_to_dict
+from fastnft.devices import resolve_device  # re-exported: the CLI commands resolve the device here
 from fastnft.policies.state_flow import StateFlowPolicy
 
 __all__ = [
@@ -30,19 +31,6 @@ __all__ = [
 
 class PolicyFileError(RuntimeError):
     """A policy file is missing, unreadable or does not fit the config; the message names the fix."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu.
-
-    Raises:
-        RuntimeError: ``cuda`` requested on a machine without a CUDA device.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is visible; set device: auto or cpu")
-    return torch.device(name)
 
 
 def save_policy(path: str | Path, policy: StateFlowPolicy, meta: dict[str, Any]) -> Path:

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     tcfg, ecfg_cls = configs()
     model = make_model()
     ema = EMA(model)
-    actor = ActorEngine(model, tcfg, ecfg_cls(zero_stage=args.stage))
+    # CPU + gloo on every host: the oracle is a CPU trajectory, and a 1-GPU machine cannot give 2 ranks a GPU each.
+    actor = ActorEngine(model, tcfg, ecfg_cls(zero_stage=args.stage), device="cpu")
     r, w = actor.rank, actor.world_size
     assert GLOBAL_BATCH % w == 0
     X, Y = make_data()
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         start = actor.global_steps
     out: dict = {"rank": r, "world_size": w, "start": start, "losses": [], "grad_norms": [], "lrs": []}
     for s in range(start, STEPS):
-        xs, ys = X[s].chunk(w)[r], Y[s].chunk(w)[r]
+        xs, ys = (t.chunk(w)[r].to(actor.device) for t in (X[s], Y[s]))
         loss = ((actor.module(xs) - ys) ** 2).mean()
         info = actor.train_step(loss)
         out["losses"].append(float(fdist.all_reduce_mean(loss.detach().clone())))

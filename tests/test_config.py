@@ -76,3 +76,14 @@ def test_missing_and_malformed_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+def test_rollout_cuda_graphs_on_off_survive_yaml_booleans():
+    """YAML 1.1 reads `on`/`off` as booleans; the rollout.cuda_graphs field maps them back."""
+    from fastnft.config import ConfigError, load_config
+
+    assert load_config(None, ["rollout.cuda_graphs=off"]).rollout.cuda_graphs == "off"
+    assert load_config(None, ["rollout.cuda_graphs=on"]).rollout.cuda_graphs == "on"
+    assert load_config(None, []).rollout.cuda_graphs == "auto"
+    with pytest.raises(ConfigError, match="rollout.cuda_graphs"):
+        load_config(None, ["rollout.cuda_graphs=sometimes"])

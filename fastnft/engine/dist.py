@@ -26,6 +26,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
+    "collective_device",
     "default_backend",
     "ensure_extensions_dir",
     "init_distributed",
@@ -56,9 +57,20 @@ def ensure_extensions_dir() -> str:
     return path
 
 
-def default_backend() -> str:
-    """``nccl`` when CUDA is available, else ``gloo``."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(device: torch.device | str | None = None) -> str:
+    """The process-group backend for ``device``: ``nccl`` for CUDA, ``gloo`` for CPU (None = ``nccl`` when CUDA is
+    available, else ``gloo``)."""
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def collective_device() -> torch.device:
+    """Device of the tensors the default group's collectives take: ``cuda:LOCAL_RANK`` for NCCL (which rejects CPU
+    tensors), CPU for gloo or without a group."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
 
 
 # Set next to the launcher variables when this module made a single-process world itself, so that a child process
@@ -77,18 +89,26 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, device: torch.device | str | None = None) -> tuple[int, int]:
     """Initialise the default process group once (idempotent) through ``deepspeed.init_distributed``.
 
+    Each rank binds ``cuda:LOCAL_RANK`` as its current CUDA device before the group exists (NCCL needs it). With
+    ``device`` = CPU on a CUDA host, DeepSpeed is told to use its CPU accelerator (``DS_ACCELERATOR=cpu``) and the
+    group is gloo, so ``device: cpu`` is honoured.
+
     Args:
-        backend: ``gloo``, ``nccl`` or None (= :func:`default_backend`).
+        backend: ``gloo``, ``nccl`` or None (= :func:`default_backend` of ``device``).
+        device: this process's device (None = CUDA when available).
 
     Returns:
         ``(rank, world_size)``.
 
     Raises:
         RuntimeError: only some of the launcher variables are set (a broken launch); the message names them.
+            (An accelerator that DeepSpeed already chose differently is reported by ``ActorEngine``.)
     """
+    if device is not None and torch.device(device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at DeepSpeed's first get_accelerator()
     if is_initialized():
         return rank(), world_size()
     ensure_extensions_dir()
@@ -115,8 +135,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         if "MASTER_PORT" not in os.environ:
             raise RuntimeError("RANK and WORLD_SIZE are set but MASTER_PORT is not; use a launcher "
                                "(deepspeed / torchrun) that sets it, or set MASTER_PORT yourself.")
-    backend = backend or default_backend()
-    if backend == "nccl" and torch.cuda.is_available():
+    backend = backend or default_backend(device)
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed  # heavy import; only when a group is really created
 

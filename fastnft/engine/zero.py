@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastnft.config import EngineConfig, TrainConfig
+from fastnft.devices import resolve_device
 from fastnft.engine import dist as fdist
 
 __all__ = ["ActorEngine", "build_ds_config"]
@@ -39,12 +40,10 @@ def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, use_cuda: 
     """DeepSpeed config dict for the actor; ``configs/deepspeed_zero2.json`` is this for the defaults, stage 2, CUDA.
 
     DeepSpeed derives ``train_batch_size = 1 * 1 * world_size`` (nominal: losses are computed by the trainer).
-
-    Raises:
-        ValueError: ``engine.dtype=bfloat16`` without CUDA.
+    DeepSpeed's own bf16/fp16 modes stay off for every ``engine.dtype``: bf16 is torch autocast inside the policy
+    (:meth:`fastnft.policies.state_flow.StateFlowPolicy.set_precision`), so the optimizer, ZeRO partitions,
+    EMA and checkpoints all hold the fp32 master weights themselves.
     """
-    if engine_cfg.dtype == "bfloat16" and not use_cuda:
-        raise ValueError("engine.dtype=bfloat16 needs a CUDA device; set engine.dtype=float32 to train on CPU")
     zero: dict[str, Any] = {"stage": engine_cfg.zero_stage}
     if engine_cfg.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=use_cuda, reduce_scatter=True)
@@ -54,7 +53,7 @@ def build_ds_config(train_cfg: TrainConfig, engine_cfg: EngineConfig, use_cuda: 
         "train_micro_batch_size_per_gpu": 1,  # nominal: the trainer feeds its own micro-batches
         "gradient_accumulation_steps": 1,  # one backward+step pair = one optimizer step
         "gradient_clipping": float(train_cfg.grad_clip),
-        "bf16": {"enabled": engine_cfg.dtype == "bfloat16"},
+        "bf16": {"enabled": False},  # bf16 = autocast in the policy; the weights DeepSpeed sees are fp32 masters
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: no 40 s fused-Adam op build
@@ -88,22 +87,31 @@ class ActorEngine:
         train_cfg: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``grad_clip``.
         engine_cfg: ``zero_stage``, ``dtype``.
         ds_overrides: optional entries merged (top level) into the DeepSpeed config.
+        device: this rank's device (``fastnft.devices.resolve_device``); None = ``resolve_device("auto")``.
+            ``cpu`` is honoured on a CUDA host.
 
     Attributes:
         engine: the ``deepspeed.DeepSpeedEngine``. module: the wrapped policy (call it / its methods directly).
         rank, world_size, is_main, device.
 
     Raises:
-        ValueError: no trainable parameter; bf16 without CUDA.
+        ValueError: no trainable parameter.
+        RuntimeError: DeepSpeed is set up for another accelerator than ``device`` (imported before this engine).
     """
 
     def __init__(self, module: nn.Module, train_cfg: TrainConfig, engine_cfg: EngineConfig,
-                 ds_overrides: dict[str, Any] | None = None) -> None:
-        fdist.init_distributed()
+                 ds_overrides: dict[str, Any] | None = None, device: torch.device | str | None = None) -> None:
+        self.device = resolve_device("auto" if device is None else device)
+        fdist.init_distributed(device=self.device)
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
-        use_cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", fdist.local_rank()) if use_cuda else torch.device("cpu")
+        use_cuda = self.device.type == "cuda"
+        accel = get_accelerator().device_name()
+        if accel != self.device.type:
+            raise RuntimeError(f"ActorEngine: DeepSpeed uses its {accel!r} accelerator but the device is "
+                               f"{self.device}; set DS_ACCELERATOR={self.device.type} before anything imports "
+                               "deepspeed (fastnft does it when the engine is built first)")
         self.zero_stage = engine_cfg.zero_stage
         self._names = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self._names:

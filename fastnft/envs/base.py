@@ -58,11 +58,15 @@ class ChunkResult:
 
 
 class VectorEnv(ABC):
-    """N environments stepped in lockstep, on CPU tensors (float32 observations).
+    """N environments stepped in lockstep; float32 observations and all bookkeeping on :attr:`device`.
 
     Subclasses implement :meth:`_reset` and :meth:`_step`; this base class keeps the episode bookkeeping so all
-    adapters agree on it.
+    adapters agree on it. CPU simulators keep the default ``device = cpu``; a GPU simulator (ManiSkill's PhysX-GPU
+    scene) sets its CUDA device, and then observations, actions, done and success flags stay CUDA tensors end to
+    end: the base class adds no host sync per env step.
     """
+
+    device: torch.device = torch.device("cpu")
 
     num_envs: int
     obs_dim: int
@@ -80,12 +84,13 @@ class VectorEnv(ABC):
     # -- to implement ---------------------------------------------------------------------------------------
     @abstractmethod
     def _reset(self, seeds: list[int]) -> Tensor:
-        """Reset all N envs with the given seeds; return ``[N, obs_dim]`` float32."""
+        """Reset all N envs with the given seeds; return ``[N, obs_dim]`` float32 on :attr:`device`."""
 
     @abstractmethod
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Step all N envs with ``[N, act_dim]`` float32 actions; return obs ``[N, obs_dim]``, reward ``[N]``,
-        success ``[N]`` bool. Called only while at least one env is active."""
+        """Step all N envs with ``[N, act_dim]`` float32 actions on :attr:`device`; return obs ``[N, obs_dim]``,
+        reward ``[N]``, success ``[N]`` bool, on :attr:`device`. On CPU it is called only while at least one env is
+        active; a device env may also be stepped after every episode ended (its output is ignored)."""
 
     def close(self) -> None:
         """Release simulator resources (subprocesses, GPU scenes)."""
@@ -99,11 +104,12 @@ class VectorEnv(ABC):
         """
         if len(seeds) != self.num_envs:
             raise ValueError(f"reset needs one seed per env: got {len(seeds)} seeds for {self.num_envs} envs")
-        obs = self._reset([int(s) for s in seeds]).float()
-        n = self.num_envs
-        self._elapsed = torch.zeros(n, dtype=torch.long)
-        self._done = torch.zeros(n, dtype=torch.bool)
-        self._success_once = torch.zeros(n, dtype=torch.bool)
+        obs = self._reset([int(s) for s in seeds]).float().to(self.device)
+        n, dev = self.num_envs, self.device
+        self._elapsed = torch.zeros(n, dtype=torch.long, device=dev)
+        self._done = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._success_once = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._low, self._high = self.action_low.to(dev), self.action_high.to(dev)
         self._obs = obs
         return obs
 
@@ -130,28 +136,32 @@ class VectorEnv(ABC):
             raise RuntimeError("VectorEnv.step called before reset(seeds)")
         if actions.shape != (self.num_envs, self.act_dim):
             raise ValueError(f"actions must be [{self.num_envs}, {self.act_dim}], got {tuple(actions.shape)}")
-        act = torch.maximum(torch.minimum(actions.detach().float().cpu(), self.action_high), self.action_low)
+        act = torch.maximum(torch.minimum(actions.detach().float().to(self.device), self._high), self._low)
         active = ~self._done
         obs, reward, success = self._step(act)
-        obs = obs.float()
-        success = success.bool() & active
+        obs = obs.float().to(self.device)
+        success = success.bool().to(self.device) & active
         self._elapsed += active.long()
         self._success_once |= success
         newly_done = active & (success | (self._elapsed >= self.max_episode_steps))
         self._done |= newly_done
         # Keep the last real observation of ended envs rather than whatever the simulator returns after the end.
         self._obs = torch.where(active.view(-1, 1), obs, self._obs)
-        return StepResult(obs=self._obs.clone(), reward=torch.where(active, reward.float(), 0.0),
+        return StepResult(obs=self._obs.clone(), reward=torch.where(active, reward.float().to(self.device), 0.0),
                           success=success, done=self._done.clone())
 
     def step_chunk(self, actions: Tensor) -> ChunkResult:
-        """Execute an action chunk ``[N, C, act_dim]`` one step at a time (stops early once every env is done)."""
+        """Execute an action chunk ``[N, C, act_dim]`` one step at a time.
+
+        On CPU it stops early once every env is done. A device env runs all C steps instead: the early stop would
+        be a host sync per env step, and the steps after every episode ended are ignored anyway.
+        """
         if actions.dim() != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != self.act_dim:
             raise ValueError(f"chunk must be [{self.num_envs}, C, {self.act_dim}], got {tuple(actions.shape)}")
-        total = torch.zeros(self.num_envs)
-        steps = torch.zeros(self.num_envs, dtype=torch.long)
+        total = torch.zeros(self.num_envs, device=self.device)
+        steps = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         for c in range(actions.shape[1]):
-            if bool(self.done.all()):
+            if self.device.type == "cpu" and bool(self.done.all()):
                 break
             active = ~self.done
             res = self.step(actions[:, c])

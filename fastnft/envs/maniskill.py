@@ -6,9 +6,14 @@ Two backends behind one class, :class:`ManiSkillVectorEnv`:
   subprocesses under gymnasium's ``AsyncVectorEnv`` (``fork`` hangs SAPIEN). Autoreset is disabled: an env whose
   episode ended is simply stepped on (the base class ignores its output), it never jumps into a new episode.
   Starting the workers costs a few seconds each (imports + scene), so build the env once and reuse it.
-* **gpu** (untested here, no CUDA on the dev machine): ManiSkill's native batched PhysX-GPU scene,
-  ``gym.make(task, num_envs=N, sim_backend="physx_cuda")``; observations are copied to CPU because the
-  :class:`VectorEnv` contract is CPU tensors.
+* **gpu** (never run: no GPU has been available to this project): ManiSkill's native batched PhysX-GPU scene,
+  ``gym.make(task, num_envs=N, sim_backend="physx_cuda:<LOCAL_RANK>")``, co-located with the policy in one
+  process. Observations, actions, rewards and success flags stay CUDA tensors end to end (``env.device`` is
+  the scene's device) and the base class adds no host sync per env step. The host syncs per env step that
+  remain are ManiSkill's/SAPIEN's own: the PhysX-GPU ``scene.step()`` and its ``gpu_apply_*`` / ``gpu_fetch_*``
+  transfers between PhysX's buffers and torch block the host until PhysX's CUDA work is done (and
+  ``torch.cuda.synchronize()`` in ManiSkill's sensor path, which state observations do not take). A reset
+  seeds each env's numpy RNG on the host (per reset, not per step).
 
 SAPIEN needs a Vulkan device even for state observations; on a CPU-only machine that is Mesa lavapipe >= 24.3
 (installed by ``bash scripts/install.sh``). :func:`make_single_env` builds exactly the env one CPU worker runs,
@@ -237,7 +242,8 @@ class ManiSkillVectorEnv(VectorEnv):
             ``pd_ee_delta_pos``; the controller scales them to +-0.1 m per step).
         backend: ``'cpu'`` or ``'gpu'``.
 
-    Observations are ``[N, obs_dim]`` float32 CPU tensors; success is ManiSkill's ``info["success"]``.
+    Observations are ``[N, obs_dim]`` float32 tensors on :attr:`device` (CPU, or the GPU scene's device); success
+    is ManiSkill's ``info["success"]``.
 
     Raises:
         ValueError: unknown task id (lists valid ones) or ``num_envs < 1``.
@@ -285,14 +291,17 @@ class ManiSkillVectorEnv(VectorEnv):
     def _init_gpu(self, cfg: EnvConfig) -> None:  # pragma: no cover - needs CUDA
         import gymnasium as gym
 
-        try:
-            env = gym.make(cfg.task, num_envs=self.num_envs, sim_backend="physx_cuda",
+        from fastnft.devices import local_rank
+
+        try:  # each rank simulates on its own GPU, the one its policy uses
+            env = gym.make(cfg.task, num_envs=self.num_envs, sim_backend=f"physx_cuda:{local_rank()}",
                            **_make_kwargs(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps))
         except Exception as e:
             raise _translate_sim_error(e) from e
         self._gpu_env = env
         self._finalizer = weakref.finalize(self, env.close)
         base = env.unwrapped
+        self.device = torch.device(base.device)
         self.obs_dim = int(np.prod(base.single_observation_space.shape))
         self.act_dim = int(np.prod(base.single_action_space.shape))
         self.action_low = torch.as_tensor(np.asarray(base.single_action_space.low, np.float32).reshape(-1))
@@ -303,7 +312,7 @@ class ManiSkillVectorEnv(VectorEnv):
             from mani_skill.utils.common import flatten_state_dict
 
             obs = flatten_state_dict(obs, use_torch=True)
-        return obs.reshape(self.num_envs, -1).float().cpu()
+        return obs.reshape(self.num_envs, -1).float()  # stays on the scene's device
 
     # -- VectorEnv -------------------------------------------------------------------------------------------
     def _reset(self, seeds: list[int]) -> Tensor:
@@ -316,9 +325,9 @@ class ManiSkillVectorEnv(VectorEnv):
 
     def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self._gpu_env is not None:  # pragma: no cover - needs CUDA
-            obs, reward, _, _, info = self._gpu_env.step(actions.to(self._gpu_env.unwrapped.device))
-            return (self._gpu_obs(obs), torch.as_tensor(reward).float().reshape(-1).cpu(),
-                    torch.as_tensor(info["success"]).bool().reshape(-1).cpu())
+            obs, reward, _, _, info = self._gpu_env.step(actions)  # the base class put them on self.device
+            return (self._gpu_obs(obs), torch.as_tensor(reward, device=self.device).float().reshape(-1),
+                    torch.as_tensor(info["success"], device=self.device).bool().reshape(-1))
         self._require_open()
         obs, reward, _, _, info = self._venv.step(actions.numpy().astype(np.float32, copy=False))
         success = np.asarray(info.get("success", np.zeros(self.num_envs)), dtype=bool).reshape(-1)

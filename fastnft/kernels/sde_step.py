@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["INTERPRETED", "fused_sde_step", "ode_step", "philox_seed", "sde_step"]
+from fastnft.devices import check_generator
+
+__all__ = ["INTERPRETED", "bind_sde_step", "fused_sde_step", "ode_step", "philox_seed", "sde_step"]
 
 
 @triton.jit
@@ -67,8 +69,12 @@ def _sde_step_kernel(
     a_val, b_val, std_val,  # scalar coefficients (SCALAR_COEF)
     CDTYPE: tl.constexpr, BLOCK: tl.constexpr,
     NOISE: tl.constexpr, HAS_Z: tl.constexpr, SCALAR_COEF: tl.constexpr, RTNE_BF16: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # Philox counters, each serves 4 elements
+    pid = tl.program_id(0)
+    if INT64:  # numel or a coefficient offset row * stride reaches 2^31
+        pid = pid.to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)  # Philox counters, each serves 4 elements
     live = i < quarter  # counters past Q would alias the next quarter's elements
     if NOISE and not HAS_Z:
         seed = tl.load(seed_ptr)
@@ -92,6 +98,7 @@ INTERPRETED: bool = type(_sde_step_kernel).__name__ == "InterpretedFunction"
 """True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT32_LIMIT = 2**31  # element offsets at or above it need 64-bit index arithmetic in the kernel
 
 
 def _coef(c: Tensor, N: int, name: str) -> Tensor:
@@ -144,7 +151,6 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
             "run them on CPU")
     N = x_t.shape[0]
     numel = x_t.numel()
-    assert numel < 2**31, "the kernel indexes with int32: numel must be < 2^31"
     dev = x_t.device
     cdt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     scalar = not any(isinstance(c, Tensor) for c in (A, B, std))
@@ -178,6 +184,9 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
     if numel == 0:
         return out
     quarter = triton.cdiv(numel, 4)
+    # x, v, z and out are contiguous here, so numel bounds their offsets; strided [N] coefficients reach
+    # (N - 1) * stride. int64 offsets where either reaches 2^31 (element e of the last quarter is 3Q + i).
+    int64 = max(numel + 4, N * max(strides, default=0)) >= _INT32_LIMIT
     if block is None:
         block = 1024 if dev.type == "cuda" else 1 << 16
     block = min(block, triton.next_power_of_2(quarter))
@@ -187,14 +196,41 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
         a_val, b_val, std_val,
         CDTYPE=tl.float64 if cdt == torch.float64 else tl.float32, BLOCK=block,
         NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, RTNE_BF16=INTERPRETED and x_t.dtype == torch.bfloat16,
-        num_warps=4,
+        INT64=int64, num_warps=4,
     )
     return out
 
 
 def philox_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """One ``[1]`` int64 seed drawn on ``device`` from ``generator`` (the default generator when None)."""
+    """One ``[1]`` int64 seed drawn on ``device`` from ``generator`` (the default generator when None).
+
+    Raises:
+        ValueError: ``generator`` lives on another device (fastnft.devices' draw rule).
+    """
+    check_generator(generator, device, "fused SDE step Philox seed")
     return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
+
+
+def bind_sde_step(generator: torch.Generator | None, like: Tensor):
+    """The fused step of ONE K-step sampling call (what :func:`fastnft.sde.sample_actions` uses).
+
+    One Philox seed is drawn on ``like``'s device when the call starts; step ``j`` of the call then uses counter
+    offset ``j * Q`` (``Q = ceil(numel / 4)``), so its noise is independent of every other step's and each SDE
+    step is exactly one kernel launch (no per-step seed draw, no host work). Inside a CUDA graph the seed draw
+    is captured too and, with ``generator`` registered to the graph, every replay draws a new seed.
+
+    Returns:
+        ``step(x_t, v, A, B, std) -> x_next`` with :func:`fused_sde_step`'s shapes and dtypes.
+    """
+    seed = philox_seed(generator, like.device)
+    offset = [0]
+
+    def step(x_t: Tensor, v: Tensor, A: Tensor, B: Tensor, std: Tensor) -> Tensor:
+        out = fused_sde_step(x_t, v, A, B, std, seed=seed, offset=offset[0])
+        offset[0] += triton.cdiv(x_t.numel(), 4)
+        return out
+
+    return step
 
 
 def sde_step(x_t: Tensor, v: Tensor, A: Tensor, B: Tensor, std: Tensor, z: Tensor | None = None,
@@ -221,6 +257,9 @@ def sde_step(x_t: Tensor, v: Tensor, A: Tensor, B: Tensor, std: Tensor, z: Tenso
     need_seed = z is None and (isinstance(std, Tensor) or float(std) != 0.0)
     seed = philox_seed(generator, x_t.device) if need_seed else None
     return fused_sde_step(x_t, v, A, B, std, seed=seed, z=z)
+
+
+sde_step.bind = bind_sde_step  # sample_actions: one seed per sampling call, one launch per step
 
 
 def ode_step(x_t: Tensor, v: Tensor, delta: float) -> Tensor:

@@ -77,10 +77,12 @@ def _stepnft_fwd_kernel(
     CDTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     CLIP: tl.constexpr, WMSE: tl.constexpr, POS: tl.constexpr, NEG: tl.constexpr, X0: tl.constexpr,
-    HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr, RTNE_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr, RTNE_BF16: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    if INT64:  # some element offset n * stride_n + c * stride_c + d of the (strided) inputs exceeds int32
+        rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < T
     ok = row_ok[:, None] & (cols < D)[None, :]
@@ -182,9 +184,12 @@ def _finish_kernel(part_ptr, loss_ptr, inv_ptr, P, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def _scale_kernel(g_ptr, out_ptr, go_ptr, inv_ptr, numel, CDTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                  RTNE_BF16: tl.constexpr):
+                  RTNE_BF16: tl.constexpr, INT64: tl.constexpr):
     # out = g * (grad_out * inv): the whole backward of the fused loss.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     scale = tl.load(go_ptr).to(CDTYPE) * tl.load(inv_ptr).to(CDTYPE)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(CDTYPE)
@@ -195,6 +200,16 @@ INTERPRETED: bool = type(_stepnft_fwd_kernel).__name__ == "InterpretedFunction"
 """True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+_INT32_LIMIT = 2**31  # element offsets at or above it need 64-bit index arithmetic in the kernel
+
+
+def offset_bound(*tensors: Tensor) -> int:
+    """One past the largest element offset any of ``tensors`` reaches: ``sum((size - 1) * stride) + 1``.
+
+    For a strided ``[:, :C]`` view of ``[N, H, D]`` this is about ``N * H * D`` (``N * stride_n``), not ``N * C * D``:
+    the bound that int32 offsets must respect.
+    """
+    return max((sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0) for t in tensors)
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -280,10 +295,12 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
     _check_device(v_theta)
     N, C, D = v_theta.shape
     T = N * C
-    assert T < 2**31 and T * D < 2**31, "the kernel indexes with int32: N * C * D must be < 2^31"
     dev = v_theta.device
     cdt = _compute_dtype(v_theta.dtype)
     vt, vo, xt, xn = (_row_view(u) for u in big)
+    # int32 offsets hold only while every strided input's largest offset (N * stride_n, not N * C * D) and the
+    # gradient's T * D stay below 2^31; beyond that the kernel switches to int64 offsets.
+    int64 = max(offset_bound(vt, vo, xt, xn), T * D) >= _INT32_LIMIT
     a_, b_ = (A, t) if target == "x0" else (A, B)
     a_, b_, sd, y_ = (u.contiguous() for u in (a_, b_, std, y))
     m = mask.contiguous().view(torch.uint8) if mask is not None else sd  # dummy pointer when HAS_MASK=False
@@ -300,7 +317,8 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         CDTYPE=_TL_DTYPE[cdt], BLOCK_T=block_t, BLOCK_D=block_d,
         CLIP=max_drift is not None, WMSE=loss == "wmse", POS=branches in ("both", "positive"),
         NEG=branches in ("both", "negative"), X0=target == "x0", HAS_MASK=mask is not None,
-        STORE_GRAD=store_grad, RTNE_BF16=INTERPRETED and v_theta.dtype == torch.bfloat16, num_warps=num_warps,
+        STORE_GRAD=store_grad, RTNE_BF16=INTERPRETED and v_theta.dtype == torch.bfloat16, INT64=int64,
+        num_warps=num_warps,
     )
     loss_out = torch.empty((), dtype=cdt, device=dev)
     inv = torch.empty((), dtype=cdt, device=dev)
@@ -315,7 +333,7 @@ def _scale(grad: Tensor, grad_out: Tensor, inv: Tensor) -> Tensor:
     _scale_kernel[(triton.cdiv(numel, block),)](grad, out, grad_out, inv, numel,
                                                 CDTYPE=_TL_DTYPE[_compute_dtype(grad.dtype)], BLOCK=block,
                                                 RTNE_BF16=INTERPRETED and grad.dtype == torch.bfloat16,
-                                                num_warps=4)
+                                                INT64=numel >= _INT32_LIMIT, num_warps=4)
     return out
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastnft.config import PolicyConfig
+from fastnft.devices import check_generator
 from fastnft.policies.normalizer import Normalizer
 from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
 
@@ -76,6 +77,10 @@ class StateFlowPolicy(nn.Module):
 
     Shapes: observations ``[N, obs_dim]``; sampler states and velocities ``[N, H, D]`` (normalised units,
     D = ``cfg.action_pad`` or ``act_dim``); flow time ``[N]``.
+
+    Precision (:meth:`set_precision`): the weights are always fp32. The policy boundary casts every input to
+    fp32; in ``bfloat16`` mode the network runs under ``torch.autocast(bf16)`` and the velocity is cast back, so
+    callers always see float32 velocities.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: PolicyConfig, obs_norm: Normalizer | None = None,
@@ -99,14 +104,39 @@ class StateFlowPolicy(nn.Module):
         self.blocks = nn.ModuleList(_Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
         self.action_out = nn.Linear(w, self.D)
+        self.compute_dtype = torch.float32
+
+    def set_precision(self, dtype: str | torch.dtype) -> StateFlowPolicy:
+        """Compute precision of the network: ``float32`` or ``bfloat16`` (autocast; weights stay fp32 masters).
+
+        Raises:
+            ValueError: another dtype.
+        """
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dt not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"policy precision must be float32 or bfloat16, got {dtype!r}")
+        self.compute_dtype = dt
+        return self
 
     # -- network ----------------------------------------------------------------------------------------------
     def encode(self, obs: Tensor) -> Tensor:
-        """State token: ``[N, obs_dim]`` raw observation -> ``[N, 1, width]``."""
-        return self.state_in(self.obs_norm.normalize(obs.float())).unsqueeze(1)
+        """State token: ``[N, obs_dim]`` raw observation (any float dtype) -> ``[N, 1, width]`` (compute dtype)."""
+        z = self.obs_norm.normalize(obs.float())  # normalised in fp32: raw states can be large
+        if self.compute_dtype == torch.float32:
+            return self.state_in(z).unsqueeze(1)
+        with torch.autocast(z.device.type, dtype=self.compute_dtype):
+            return self.state_in(z).unsqueeze(1)
 
     def velocity(self, x_t: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
-        """Velocity ``v_theta(x_t, t, ctx)``: ``x_t [N, H, D]``, ``t [N]``, ``ctx [N, 1, width]`` -> ``[N, H, D]``."""
+        """Velocity ``v_theta(x_t, t, ctx)``: ``x_t [N, H, D]``, ``t [N]``, ``ctx [N, 1, width]`` -> ``[N, H, D]``
+        float32 (computed in :attr:`compute_dtype`)."""
+        x_t, t = x_t.float(), t.float()
+        if self.compute_dtype == torch.float32:
+            return self._velocity(x_t, t, ctx)
+        with torch.autocast(x_t.device.type, dtype=self.compute_dtype):
+            return self._velocity(x_t, t, ctx).float()
+
+    def _velocity(self, x_t: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
         n = x_t.shape[0]
         temb = sinusoidal_time_embedding(t, self.cfg.width).to(x_t.dtype)
         a = self.action_in(x_t)
@@ -142,14 +172,18 @@ class StateFlowPolicy(nn.Module):
             obs: ``[N, obs_dim]`` raw observations.
             schedule: K-step Flow-SDE schedule.
             stochastic: Flow-SDE (training rollouts) or Euler ODE (evaluation).
-            generator: RNG for the initial noise, the step index and the SDE noise.
+            generator: RNG for the initial noise, the step index and the SDE noise; on ``obs``'s device.
             step_index: ``[N]`` solver index to record; random when None.
             step_fn: SDE step implementation (reference or fused kernel).
             keep_trajectory: also return every solver state and velocity (for several records per call).
 
         Returns:
             :class:`fastnft.sde.SampleRecord` in normalised units (``actions [N, H, D]``).
+
+        Raises:
+            ValueError: ``generator`` lives on another device than ``obs``.
         """
+        check_generator(generator, obs, "policy initial noise")
         ctx = self.encode(obs)
         noise = torch.randn((obs.shape[0], self.H, self.D), generator=generator, device=obs.device)
         return sample_actions(lambda x, t: self.velocity(x, t, ctx), noise, schedule, stochastic=stochastic,

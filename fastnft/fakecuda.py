@@ -1,0 +1,246 @@
+"""Fake CUDA on a CPU-only machine: run fastnft's device logic on ``cuda`` tensors that carry no values.
+
+``torch._subclasses.fake_tensor.FakeTensorMode`` gives every tensor a device and a shape but no data, and it raises
+``FakeTensorDeviceMismatchError`` whenever an op mixes devices, so code run under :func:`fake_cuda` fails exactly
+where it would mix CPU and CUDA tensors on a GPU. Four gaps of FakeTensorMode on a CPU build of torch are closed
+here, each in the narrowest way:
+
+* **Generators.** A CUDA ``torch.Generator`` cannot be built without CUDA, and FakeTensorMode ignores generators.
+  Inside :func:`fake_cuda`, ``torch.Generator(device="cuda...")`` returns a :class:`FakeCudaGenerator` (a CPU
+  generator that reports ``cuda:i``), a CPU generator stays a CPU generator, and every draw that passes
+  ``generator=`` is audited: a generator whose device type differs from the drawn tensor's is recorded in
+  :attr:`FakeCuda.generator_mismatches` (the generator check).
+* **Python indexing.** ``x[...]`` / ``x[...] = v`` on a fake CUDA tensor takes a CUDA device guard that a CPU build
+  lacks; they are translated to the equivalent aten ops (``select``, ``slice``, ``unsqueeze``, ``index``). A
+  boolean mask has a data-dependent size; it selects every row (its device is still checked).
+* **Host syncs.** ``.item()``, ``float(t)``, ``bool(t)``, ``int(t)`` have no value to return; they answer ``True``
+  for bool, ``1`` for integers (so size checks such as the trainer's buffer trim take their branch) and ``0.5``
+  for floats, and are counted in :attr:`FakeCuda.host_syncs`.
+* **CUDA queries.** ``torch.cuda.is_available()`` is True and ``device_count()`` is ``num_gpus`` for every caller
+  outside torch itself (FakeTensorMode must keep seeing that no real CUDA exists).
+
+    with fake_cuda() as fc:
+        trainer = StepNFTTrainer(cfg_with_device_cuda, policy, env)   # a stand-in engine: DeepSpeed needs a GPU
+        trainer.iteration(0)
+    assert not fc.generator_mismatches
+
+Fake tensors carry no values: feed synthetic observations and check devices, dtypes and shapes, never numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["FakeCuda", "FakeCudaGenerator", "fake_cuda"]
+
+_aten = torch.ops.aten
+_RealGenerator = torch.Generator
+
+
+class FakeCudaGenerator(_RealGenerator):
+    """A CPU generator that reports a CUDA device (what ``torch.Generator(device="cuda")`` returns in fake mode)."""
+
+    def __new__(cls, device: torch.device) -> FakeCudaGenerator:  # noqa: PYI034 (a C type: no typing.Self)
+        obj = _RealGenerator.__new__(cls)  # a CPU generator underneath
+        obj._fake_device = device
+        return obj
+
+    def __init__(self, device: torch.device) -> None:  # state set in __new__ (the C type takes no device here)
+        pass
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._fake_device
+
+
+class _AnyGenerator(type(_RealGenerator)):
+    """Metaclass: ``isinstance(g, torch.Generator)`` stays true for every generator while the factory is patched."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _RealGenerator)
+
+
+class _GeneratorFactory(_RealGenerator, metaclass=_AnyGenerator):
+    """Stands in for ``torch.Generator`` inside :func:`fake_cuda`: CUDA requests get a :class:`FakeCudaGenerator`."""
+
+    def __new__(cls, device: Any = "cpu") -> torch.Generator:  # type: ignore[misc]
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return FakeCudaGenerator(torch.device("cuda", dev.index or 0))
+        return _RealGenerator(device=dev)
+
+
+@dataclass
+class FakeCuda:
+    """What a :func:`fake_cuda` block observed.
+
+    Attributes:
+        host_syncs: number of device-to-host reads (``.item()``, ``float``, ``bool``, ``int`` of a tensor).
+        generator_mismatches: ``"<op>: <generator device> generator -> <tensor device> tensor"`` per bad draw.
+        draws: number of audited draws (calls that passed a generator).
+    """
+
+    host_syncs: int = 0
+    generator_mismatches: list[str] = field(default_factory=list)
+    draws: int = 0
+
+
+def _is_fake_cuda(x: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor) and x.device.type == "cuda"
+
+
+def _getitem(x: torch.Tensor, idx: Any) -> torch.Tensor:
+    """``x[idx]`` through aten ops (basic indexing and one tensor index)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if sum(isinstance(i, torch.Tensor) for i in idx) > 1:
+        raise NotImplementedError("fake_cuda indexing supports one tensor index")
+    out, dim = x, 0
+    for i in idx:
+        if i is Ellipsis:
+            dim += x.dim() - consumed
+        elif i is None:
+            out = _aten.unsqueeze(out, dim)
+            dim += 1
+        elif isinstance(i, bool):
+            raise NotImplementedError("fake_cuda indexing with a Python bool")
+        elif isinstance(i, int):
+            out = _aten.select(out, dim, i)
+        elif isinstance(i, slice):
+            out = _aten.slice(out, dim, i.start if i.start is not None else 0,
+                              i.stop if i.stop is not None else 2**62, i.step or 1)
+            dim += 1
+        elif isinstance(i, torch.Tensor):
+            if i.device != x.device and i.device.type != "cpu":
+                raise RuntimeError(f"indices on {i.device} for a tensor on {x.device}")
+            if i.dtype == torch.bool:  # data-dependent size: the mask selects every row (device checked above)
+                dim += i.dim()
+            else:
+                out = _aten.index(out, [None] * dim + [i])
+                dim += i.dim()
+        else:
+            raise NotImplementedError(f"fake_cuda indexing with {type(i).__name__}")
+    return out
+
+
+_READS = (torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__,
+          torch.Tensor.item, torch.Tensor.tolist)
+
+
+_ATEN_NAME = {"__invert__": "bitwise_not", "__and__": "bitwise_and", "__or__": "bitwise_or", "__xor__": "bitwise_xor"}
+
+
+def _answer(dtype: torch.dtype) -> bool | int | float:
+    """The value a fake device-to-host read returns."""
+    if dtype == torch.bool:
+        return True
+    return 0.5 if dtype.is_floating_point else 1
+
+
+class _FunctionMode(TorchFunctionMode):
+    """Python-level hooks: indexing translation and the generator audit."""
+
+    def __init__(self, record: FakeCuda) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _READS and _is_fake_cuda(args[0]):
+            self.record.host_syncs += 1
+            t = args[0]
+            if func is torch.Tensor.tolist:
+                return _aten.zeros(list(t.shape), dtype=t.dtype, device="cpu").tolist()  # shaped like the data
+            value = _answer(t.dtype)
+            return {torch.Tensor.__bool__: bool, torch.Tensor.__int__: int, torch.Tensor.__index__: int,
+                    torch.Tensor.__float__: float}.get(func, lambda v: v)(value)
+        if func is torch.Tensor.__getitem__ and _is_fake_cuda(args[0]):
+            return _getitem(args[0], args[1])
+        if func is torch.Tensor.__setitem__ and _is_fake_cuda(args[0]):
+            x, idx, val = args
+            view = _getitem(x, idx)
+            if isinstance(val, torch.Tensor):
+                _aten.copy_(view, val)
+            else:
+                _aten.fill_(view, val)
+            return None
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as e:
+            # A few Tensor methods take a CUDA device guard in their Python binding, before any fake dispatch;
+            # the same aten op called directly does not.
+            name = _ATEN_NAME.get(getattr(func, "__name__", ""), getattr(func, "__name__", ""))
+            if "not linked with support for cuda" not in str(e) or not hasattr(_aten, name):
+                raise
+            out = getattr(_aten, name)(*args, **kwargs)
+        gen = kwargs.get("generator")
+        if gen is not None and isinstance(out, torch.Tensor):
+            self.record.draws += 1
+            if gen.device.type != out.device.type:
+                name = getattr(func, "__name__", str(func))
+                self.record.generator_mismatches.append(
+                    f"{name}: {gen.device} generator -> {out.device} tensor")
+        return out
+
+
+def _sync_mode(record: FakeCuda):
+    """A FakeTensorMode that answers device-to-host reads with a fixed value and counts them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class _Mode(FakeTensorMode):
+        def dispatch(self, func, types, args=(), kwargs=None):
+            if func is _aten._local_scalar_dense.default:
+                record.host_syncs += 1
+                return _answer(args[0].dtype)
+            return super().dispatch(func, types, args, kwargs)
+
+    return _Mode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def fake_cuda(num_gpus: int = 1) -> Iterator[FakeCuda]:
+    """Run the block as on a host with ``num_gpus`` CUDA devices, with fake tensors (see the module docstring).
+
+    Tensors made inside are fake; real tensors passed in are converted on first use. Leaves every patch undone
+    on exit.
+    """
+    record = FakeCuda()
+    saved = (torch.Generator, torch.cuda.is_available, torch.cuda.device_count)
+
+    def answer(real, fake):
+        # torch's own code (FakeTensorMode decides how to build fake CUDA tensors from this) sees the truth
+        def query():
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            return real() if caller == "torch" or caller.startswith("torch.") else fake
+        return query
+
+    real_to = torch.nn.Module.to
+
+    def module_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        # A move to the device a module already lives on is a no-op in torch; for fake tensors torch would still
+        # try to swap each tensor with itself, which fails, so the no-op is taken here.
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if dtype is None and device is not None and all(t.device == device for t in tensors):
+            return self
+        return real_to(self, *args, **kwargs)
+
+    torch.nn.Module.to = module_to  # type: ignore[method-assign]
+    torch.Generator = _GeneratorFactory  # type: ignore[misc,assignment]
+    torch.cuda.is_available = answer(saved[1], True)  # type: ignore[assignment]
+    torch.cuda.device_count = answer(saved[2], num_gpus)  # type: ignore[assignment]
+    try:
+        with _sync_mode(record), _FunctionMode(record):
+            yield record
+    finally:
+        torch.Generator, torch.cuda.is_available, torch.cuda.device_count = saved  # type: ignore[misc]
+        torch.nn.Module.to = real_to  # type: ignore[method-assign]
