@@ -153,8 +153,8 @@ def _eval_arithmetic(span: str) -> tuple[bool, str] | None:
         return None
     try:
         got = eval(" ".join(expr), {"__builtins__": {}}, {})  # only numbers and operators reach here
-    except Exception:
-        return None
+    except (SyntaxError, ZeroDivisionError):
+        return None  # not a well-formed equation: treated as code, like any other span
     want, tol = _parse_number(*NUM_RE.fullmatch(rhs_nums[0].group(0)).groups())
     ok = abs(got - want) <= tol * (1 + 1e-9)
     return ok, f"arithmetic `{span}`: left side is {got:g}, not {rhs_nums[0].group(0)}"
@@ -246,13 +246,12 @@ def _citations(text: str, doc_dir: Path) -> tuple[set[str], list[str]]:
         # only a span that is a path cites it; a path inside a command (an output to be written) does not
         if PATHISH_RE.fullmatch(m.group(2).strip()):
             candidates.append(m.group(2).strip())
-    errors = []
     for c in candidates:
         for p in _expand_braces(c.rstrip(".,;:)")):
             if not p.startswith(CITABLE_DIRS) or not p.endswith(CITABLE_EXTS) or p in DOCS:
                 continue
             found.add(p)
-    return found, errors
+    return found, []
 
 
 REPO_FOR_LINKS = [REPO]  # link targets resolve against the checked repository (tests swap in a tmp repo)
