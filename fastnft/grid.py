@@ -275,7 +275,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
     Per arm: the mean gain across runs with a Student-t 95 % interval (each run's gain is its own paired final -
     start difference). Per start: StepNFT's final outcomes (averaged over its seeds, per episode) against each
     control's final outcomes on the same episodes, as a paired difference with a 95 % interval; StepNFT "beats"
-    a control at a start when that interval lies above 0.
+    a control at a start when that interval lies above 0. The first arm of the spec is the method compared.
     """
     import json
 
@@ -297,12 +297,13 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
         if not rs:
             continue
         entry: dict[str, Any] = {"start_success": _mean([r["start_success"] for r in rs])}
-        main = [r["history"][-1]["per_episode"] for r in rs if r["arm"] == "stepnft"]
+        ref = spec.arms[0].name  # the first arm is the method; the others are compared with it
+        main = [r["history"][-1]["per_episode"] for r in rs if r["arm"] == ref]
         if main:
             avg = _avg_outcomes(main)
-            entry["stepnft_final"] = sum(avg) / len(avg)
+            entry[f"{ref}_final"] = sum(avg) / len(avg)
             for r in rs:
-                if r["arm"] == "stepnft":
+                if r["arm"] == ref:
                     continue
                 other = r["history"][-1]["per_episode"]
                 if len(other) != len(avg):
@@ -312,7 +313,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                 m = sum(d) / n
                 sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(n - 1, 1))
                 h = 1.96 * sd / math.sqrt(n)
-                entry[f"stepnft_minus_{r['arm']}_s{r['seed']}"] = {
+                entry[f"{ref}_minus_{r['arm']}_s{r['seed']}"] = {
                     "points": 100 * m, "ci95": [100 * (m - h), 100 * (m + h)], "beats": m - h > 0}
         by_start[start] = entry
     summary = {"spec": {"base_config": spec.base_config, "overrides": spec.overrides, "starts": spec.starts,
