@@ -61,7 +61,9 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
     The sampler noise of each round of ``env.num_envs`` episodes comes from a generator seeded by ``seed`` and
     the round's first episode seed. So two policies evaluated on the same seeds see the same initial states AND
     the same initial noise at each policy call, and their per-episode outcomes can be compared pairwise
-    (:func:`paired_diff_interval`), which is far tighter than comparing two independent success rates.
+    (:func:`paired_diff_interval`), which is far tighter than comparing two independent success rates. The
+    pairing holds for evaluations with the same world size, ``env.num_envs`` and device type (they decide which
+    seeds open a round).
 
     Returns:
         ``{"success_rate", "successes", "episodes", "ci_low", "ci_high" (95 % Wilson), "mean_steps",

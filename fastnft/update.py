@@ -196,7 +196,8 @@ def update_actor(engine: _Engine, buf: RolloutBuffer, sch: FlowSDESchedule, nft:
 
     ``grpo``: the Flow-GRPO config (``loss_fn`` is then ``fastnft.nft.grpo_loss``); None = StepNFT.
     ``generator`` shuffles on the buffer's device (fastnft.devices' draw rule). Losses stay on the device until
-    the end: one host sync per call, not per micro-batch.
+    the end; the engine still reads each micro-batch's gradient norm as a Python float (one host sync per step,
+    which DeepSpeed's norm clipping forces anyway).
 
     With several ranks each rank steps on its own buffer. Every rank must take the same number of steps (DeepSpeed
     averages gradients collectively), so the caller trims all buffers to the smallest one first.
