@@ -95,10 +95,11 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
             "mean_steps": steps / max(n, 1), "per_episode": per_episode}
 
 
-def paired_diff_interval(before: list[int], after: list[int], z: float = 1.96) -> tuple[float, float, float]:
+def paired_diff_interval(before: list[float], after: list[float], z: float = 1.96) -> tuple[float, float, float]:
     """Mean per-episode difference ``after - before`` of two evaluations on the SAME episodes, with a 95 % interval.
 
-    Both lists hold 0/1 outcomes in the same seed order (``evaluate_policy(...)["per_episode"]``). The interval is
+    Both lists hold outcomes in [0, 1] in the same seed order (``evaluate_policy(...)["per_episode"]``, or their
+    mean over several runs). The interval is
     the normal approximation ``mean(d) +- z * sd(d) / sqrt(n)`` of the paired differences ``d_j in {-1, 0, 1}``;
     episodes whose outcome did not change contribute no variance.
 

@@ -308,13 +308,9 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                 other = r["history"][-1]["per_episode"]
                 if len(other) != len(avg):
                     continue
-                d = [a - b for a, b in zip(avg, other)]
-                n = len(d)
-                m = sum(d) / n
-                sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(n - 1, 1))
-                h = 1.96 * sd / math.sqrt(n)
+                m, lo, hi = paired_diff_interval(other, avg)
                 entry[f"{ref}_minus_{r['arm']}_s{r['seed']}"] = {
-                    "points": 100 * m, "ci95": [100 * (m - h), 100 * (m + h)], "beats": m - h > 0}
+                    "points": 100 * m, "ci95": [100 * lo, 100 * hi], "beats": lo > 0}
         by_start[start] = entry
     summary = {"spec": {"base_config": spec.base_config, "overrides": spec.overrides, "starts": spec.starts,
                         "arms": [a.__dict__ for a in spec.arms]},
