@@ -130,3 +130,26 @@ def test_raw_observation_to_env_actions(tmp_path, variant):
     rec2 = pol.sample(raw_obs(proc.cfg, B=2), flow_sde_schedule(4, 0.2), stochastic=False,
                       generator=torch.Generator().manual_seed(0))
     assert torch.equal(rec.actions, rec2.actions)  # same noise -> same ODE sample
+
+
+def test_byte_tokenizer_format_and_checkpoint_round_trip(tmp_path):
+    from fastnft.policies.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer(max_length=6)
+    ids, mask = tok(["ab", "pick_up the cube"])
+    assert ids[0, :4].tolist() == [1, 3 + ord("a"), 3 + ord("b"), 3 + ord("\n")] and mask[0].sum() == 4
+    assert mask[1].all() and ids[1, 3].item() == 3 + ord("c")  # "_" reads as a space; truncated at L
+    assert int(ids.max()) < tok.vocab_size == 259
+    with pytest.raises(TokenizerError, match="tokenizer_max_length"):
+        ByteTokenizer(max_length=3, truncate=False)(["abcdef"])
+
+    from dataclasses import replace
+
+    cfg = Pi0Config.tiny(vlm=replace(Pi0Config.tiny().vlm, vocab_size=260))
+    pol = Pi0Policy(cfg, Pi0Processor(cfg, ByteTokenizer(cfg.tokenizer_max_length), norm_mode="identity"))
+    pol.save(tmp_path / "ck")
+    back = Pi0Policy.load(tmp_path / "ck")
+    assert isinstance(back.processor.tokenizer, ByteTokenizer)
+    obs = raw_obs(cfg, B=2)
+    a, b = pol.process(obs), back.process(obs)
+    assert torch.equal(a["lang_tokens"], b["lang_tokens"]) and torch.equal(a["lang_masks"], b["lang_masks"])

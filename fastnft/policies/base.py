@@ -13,7 +13,9 @@ A flow policy maps an observation to an action chunk ``[H, D]`` by integrating a
 - ``trainable_parameters()``: exactly what ZeRO shards and the EMA averages (S9); everything else is frozen.
 - ``save(path)`` / ``load(path)``: the policy's own persistent form.
 
-Implementations: :class:`fastnft.policies.pi0.Pi0Policy` (pi0 / pi0.5); the state-based expert is to follow.
+Implementations: :class:`fastnft.policies.state_flow.StateFlowPolicy` (the embedded default) and
+:class:`fastnft.policies.pi0.Pi0Policy` (pi0 / pi0.5); :func:`fastnft.policies.factory.build_flow_policy` picks one
+from ``policy.kind``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class FlowPolicy(Protocol):
 
     def to_env_actions(self, x: Tensor) -> Tensor:
         """Normalised ``[..., D]`` -> env actions ``[..., act_dim]``."""
+        ...
+
+    def set_precision(self, dtype: str | torch.dtype) -> FlowPolicy:
+        """Compute precision of the trained part: ``float32`` or ``bfloat16`` (autocast, fp32 master weights)."""
         ...
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -363,6 +363,20 @@ class Pi0Policy(nn.Module):
         self.processor = processor
         self.H, self.n_action_steps, self.D, self.act_dim = (cfg.chunk_size, cfg.n_action_steps,
                                                              cfg.max_action_dim, cfg.action_dim)
+        self.compute_dtype = torch.float32
+
+    def set_precision(self, dtype: str | torch.dtype) -> Pi0Policy:
+        """Compute precision of the trained expert: ``float32`` or ``bfloat16`` (autocast; its weights stay fp32
+        masters). The frozen prefix keeps ``pi0.vlm_dtype``. Velocities are float32 either way.
+
+        Raises:
+            ValueError: another dtype.
+        """
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dt not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"policy precision must be float32 or bfloat16, got {dtype!r}")
+        self.compute_dtype = dt
+        return self
 
     @property
     def C(self) -> int:
@@ -384,7 +398,10 @@ class Pi0Policy(nn.Module):
 
     def velocity(self, x_t: Tensor, t: Tensor, ctx: PrefixContext) -> Tensor:
         """``v_theta(x_t, t, ctx)``: ``x_t [B, H, D]``, ``t [B]`` -> ``[B, H, D]`` float32 (differentiable)."""
-        return self.model.velocity(x_t, t, ctx)
+        if self.compute_dtype == torch.float32:
+            return self.model.velocity(x_t, t, ctx)
+        with torch.autocast(x_t.device.type, dtype=self.compute_dtype):
+            return self.model.velocity(x_t, t, ctx).float()
 
     def forward(self, x_t: Tensor, t: Tensor, obs: dict[str, Any] | PrefixContext) -> Tensor:
         """The module call the engine wraps. ``obs`` may be a :class:`PrefixContext` (``prefix_mode = cached``);

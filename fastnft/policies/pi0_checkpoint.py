@@ -146,7 +146,8 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
             _atomic_write(d / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp))
         stats = {k: v.cpu().contiguous() for k, v in processor["tensors"].items()}
         _atomic_write(d / STATS, lambda tmp: save_file(stats, tmp))
-        pc = json.dumps({"norm_mode": processor["norm_mode"], "tokenizer_file": TOKENIZER if tok else None})
+        pc = json.dumps({"norm_mode": processor["norm_mode"], "tokenizer_file": TOKENIZER if tok else None,
+                         "tokenizer": processor.get("tokenizer", "sentencepiece" if tok else None)})
         _atomic_write(d / PROC_CONFIG, lambda tmp: Path(tmp).write_text(pc))
     return d
 
@@ -242,7 +243,8 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
             stats = load_file(str(d / STATS))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{d / STATS} is missing or unreadable ({type(e).__name__}: {e})") from e
-        processor = {"norm_mode": pc["norm_mode"], "tensors": stats, "tokenizer_file": pc.get("tokenizer_file")}
+        processor = {"norm_mode": pc["norm_mode"], "tensors": stats, "tokenizer_file": pc.get("tokenizer_file"),
+                     "tokenizer": pc.get("tokenizer")}
     elif (d / TOKENIZER).is_file():
         processor = {"norm_mode": "identity", "tensors": {}, "tokenizer_file": TOKENIZER}
     return Checkpoint(cfg, tensors, processor, layout)

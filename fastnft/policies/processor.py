@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastnft.policies.image import siglip_pixels
 from fastnft.policies.pi0_config import Pi0Config
-from fastnft.policies.tokenizer import PromptTokenizer, pi05_prompt
+from fastnft.policies.tokenizer import ByteTokenizer, PromptTokenizer, make_tokenizer, pi05_prompt
 
 __all__ = ["STATE_KEY", "NormStats", "Pi0Processor", "image_key"]
 
@@ -178,18 +178,24 @@ class Pi0Processor:
 
     # -- persistence --------------------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
-        """``{"norm_mode", "tensors": {observation.state.mean, ..., action.q99}, "tokenizer_file": path or None}``
-        (lerobot's statistic names)."""
+        """``{"norm_mode", "tensors": {observation.state.mean, ..., action.q99}, "tokenizer_file": path or None,
+        "tokenizer": "sentencepiece" | "byte" | None}`` (lerobot's statistic names)."""
+        tok = self.tokenizer
+        kind = None if tok is None else ("byte" if isinstance(tok, ByteTokenizer) else "sentencepiece")
         return {"norm_mode": self.norm_mode,
                 "tensors": {**self.state_stats.tensors(STATE_KEY), **self.action_stats.tensors("action")},
-                "tokenizer_file": str(self.tokenizer.model_file) if self.tokenizer else None}
+                "tokenizer_file": str(tok.model_file) if kind == "sentencepiece" else None, "tokenizer": kind}
 
     @classmethod
     def from_export(cls, cfg: Pi0Config, blob: dict[str, Any], root: Path | None = None) -> Pi0Processor:
-        """Inverse of :meth:`export`; a relative ``tokenizer_file`` is read under ``root``."""
+        """Inverse of :meth:`export`; a relative ``tokenizer_file`` is read under ``root``.
+
+        Raises:
+            fastnft.policies.tokenizer.TokenizerError: the tokenizer file is missing or unreadable.
+        """
         tok = blob.get("tokenizer_file")
         if tok is not None and root is not None and not Path(tok).is_absolute():
             tok = root / tok
         t = blob["tensors"]
-        return cls(cfg, PromptTokenizer(tok, cfg.tokenizer_max_length) if tok else None,
+        return cls(cfg, make_tokenizer(blob.get("tokenizer"), tok, cfg.tokenizer_max_length),
                    NormStats.from_tensors(t, STATE_KEY), NormStats.from_tensors(t, "action"), blob["norm_mode"])

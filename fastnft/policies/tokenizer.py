@@ -1,5 +1,8 @@
 """The language prompt -> PaliGemma token ids, from a local SentencePiece model (``tokenizer.model``); no network.
 
+:class:`ByteTokenizer` serves randomly initialised policies (``policy.checkpoint: null``, CPU smoke runs): there is no
+pretrained vocabulary to match, so UTF-8 bytes are the tokens.
+
 Format (openpi / PaliGemma): ``[BOS] + tokens(clean(prompt)) + tokens("\\n")``, right-padded with id 0 to
 ``max_length``; ``clean`` strips the prompt and turns ``_`` and newlines into spaces (task names such as
 ``pick_cube`` read as words). pi0.5 puts the discretised state in the prompt (:func:`pi05_prompt`).
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["PromptTokenizer", "TokenizerError", "pi05_prompt"]
+__all__ = ["ByteTokenizer", "PromptTokenizer", "TokenizerError", "make_tokenizer", "pi05_prompt"]
 
 
 class TokenizerError(ValueError):
@@ -92,3 +95,41 @@ class PromptTokenizer:
             ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             mask[i, : len(toks)] = True
         return ids.to(device), mask.to(device)
+
+
+class ByteTokenizer(PromptTokenizer):
+    """UTF-8 byte tokens in pi0's prompt format, for randomly initialised policies (no tokenizer file).
+
+    Ids: 0 padding, 1 BOS, ``3 + byte`` for each byte of ``clean(prompt) + "\\n"``; so the language model's
+    vocabulary must hold at least :attr:`vocab_size` = 259 ids.
+
+    Args:
+        max_length: tokens per prompt L.
+        truncate: cut prompts longer than L; False raises :class:`TokenizerError` instead.
+    """
+
+    OFFSET = 3
+
+    def __init__(self, max_length: int, truncate: bool = True) -> None:  # no SentencePiece model to load
+        self.model_file = None
+        self.max_length, self.truncate = max_length, truncate
+
+    @property
+    def vocab_size(self) -> int:
+        return self.OFFSET + 256
+
+    def encode_one(self, prompt: str) -> list[int]:
+        return [1] + [self.OFFSET + b for b in (_clean(prompt) + "\n").encode("utf-8")]
+
+
+def make_tokenizer(kind: str | None, model_file: str | Path | None, max_length: int) -> PromptTokenizer | None:
+    """The prompt tokenizer a processor export names: ``sentencepiece`` (``model_file``), ``byte``, or None.
+
+    Raises:
+        TokenizerError: unknown kind, or ``sentencepiece`` without a readable model file.
+    """
+    if kind == "byte":
+        return ByteTokenizer(max_length)
+    if kind in (None, "sentencepiece"):
+        return PromptTokenizer(model_file, max_length) if model_file else None
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'sentencepiece' or 'byte'")
