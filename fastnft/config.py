@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "OBS_MODES",
+    "TASK_INSTRUCTIONS",
     "ConfigError",
     "DemoConfig",
     "EngineConfig",
@@ -46,6 +48,21 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+OBS_MODES = ("state", "rgb")
+"""Valid ``env.obs_mode`` values."""
+
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "PickCube-v1": "pick up the red cube and move it to the goal position",
+    "PushCube-v1": "push the blue cube to the goal region in front of it",
+    "PullCube-v1": "pull the blue cube back onto the goal region",
+    "StackCube-v1": "pick up the red cube and stack it on top of the green cube",
+    "PegInsertionSide-v1": "pick up the orange-white peg and insert its orange end into the hole in the box",
+    "LiftPegUpright-v1": "lift the peg lying on the table into an upright position",
+}
+"""Built-in language instructions of ManiSkill3 tasks (ManiSkill gives none; these follow each task's description),
+used by ``obs_mode: rgb`` when ``env.instruction`` is empty."""
+
+
 @dataclass(kw_only=True)
 class EnvConfig:
     """Vectorised simulator (SPEC notation: one env step executes one action of a chunk)."""
@@ -55,7 +72,19 @@ class EnvConfig:
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller. ``pd_ee_delta_pos`` (end-effector deltas + gripper) is what the policy learns."""
     obs_mode: str = "state"
-    """ManiSkill observation mode; the state-based expert needs ``state``."""
+    """``state``: ``[N, obs_dim]`` float32 ground-truth state (what the state-based expert needs). ``rgb``: a dict
+    of camera frames ``observation.images.<camera> [N, H, W, 3]`` uint8, the proprio + task state
+    ``observation.state [N, state_dim]`` float32 and the language instruction ``task`` (N strings), for pi0-style
+    policies. Demonstrations and SFT are state-only."""
+    cameras: list[str] = field(default_factory=lambda: ["base_camera"])
+    """ManiSkill sensor names whose RGB frames ``obs_mode: rgb`` returns, in this order (PickCube-v1 has one,
+    ``base_camera``; a wrist camera needs a robot that has one, e.g. ``panda_wristcam``). Ignored for ``state``."""
+    image_size: int | None = None
+    """Render every camera at ``image_size x image_size`` pixels (ManiSkill's ``sensor_configs``); null = the
+    task's default (128 x 128 for PickCube-v1). Ignored for ``state``."""
+    instruction: str = ""
+    """Language instruction sent as ``task`` with ``obs_mode: rgb``; empty = the built-in one for the task
+    (:data:`TASK_INSTRUCTIONS`). Ignored for ``state``."""
     max_episode_steps: int = 100
     """Episode length limit in env steps (PickCube-v1's default of 50 cuts most motion-planned demos)."""
     num_envs: int = 8
@@ -72,9 +101,32 @@ class EnvConfig:
     def __post_init__(self) -> None:
         _require(self.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
         _require(self.num_envs >= 1, "env.num_envs", "must be >= 1")
-        _require(self.obs_mode == "state", "env.obs_mode", "only 'state' is supported by the state-based policy")
+        _require(self.obs_mode in OBS_MODES, "env.obs_mode",
+                 f"must be one of {', '.join(OBS_MODES)}, got {self.obs_mode!r}")
+        if self.obs_mode == "rgb":
+            _require(self.task != "bandit", "env.obs_mode",
+                     "'rgb' needs a simulator with cameras; the 'bandit' task has none, set env.obs_mode: state")
+            _require(len(self.cameras) >= 1 and all(isinstance(c, str) and c for c in self.cameras), "env.cameras",
+                     f"'rgb' needs at least one camera name, got {self.cameras!r}; e.g. env.cameras=[base_camera]")
+            _require(len(set(self.cameras)) == len(self.cameras), "env.cameras",
+                     f"camera names must be distinct, got {self.cameras!r}")
+            _require(bool(self.instruction.strip()) or self.task in TASK_INSTRUCTIONS, "env.instruction",
+                     f"task {self.task!r} has no built-in language instruction (known: "
+                     f"{', '.join(TASK_INSTRUCTIONS)}); set env.instruction to the sentence the policy should see")
+        _require(self.image_size is None or self.image_size >= 8, "env.image_size",
+                 f"must be null (the task's default) or >= 8 pixels, got {self.image_size}")
         _require(self.eval_seed > self.train_seed, "env.eval_seed",
                  "must be larger than env.train_seed so held-out seeds stay disjoint from training seeds")
+
+    def language_instruction(self) -> str:
+        """The instruction sent as ``task``: :attr:`instruction`, or the task's entry of :data:`TASK_INSTRUCTIONS`.
+
+        Raises:
+            ConfigError: neither exists (names ``env.instruction``).
+        """
+        text = self.instruction.strip() or TASK_INSTRUCTIONS.get(self.task, "")
+        _require(bool(text), "env.instruction", f"task {self.task!r} has no built-in language instruction; set it")
+        return text
 
 
 @dataclass(kw_only=True)
@@ -394,6 +446,17 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
                 if ok:
                     return True, v
         return False, value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out_list = []
+        for v in value:
+            ok, cv = _type_ok(v, arg)
+            if not ok:
+                return False, value
+            out_list.append(cv)
+        return True, out_list
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -468,6 +531,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -309,9 +309,15 @@ def generate_demos(cfg: ExperimentConfig, out_dir: str | Path, num_demos: int | 
     Raises:
         ValueError: the task has no motion-planning solution, or unknown task id.
         RuntimeError: no Vulkan device (says to run ``bash scripts/install.sh``), or far too many failed seeds.
+        ConfigError: ``env.obs_mode`` is not ``state`` (demonstrations and SFT are state-only).
     """
     from tqdm.auto import tqdm
 
+    from fastnft.config import ConfigError
+
+    if cfg.env.obs_mode != "state":
+        raise ConfigError(f"config key 'env.obs_mode': demonstrations (and the SFT trained on them) are state-only, "
+                          f"got {cfg.env.obs_mode!r}; generate them with env.obs_mode=state")
     n = cfg.demos.num_demos if num_demos is None else int(num_demos)
     if n < 1:
         raise ValueError(f"num_demos must be >= 1, got {n}")

@@ -19,10 +19,34 @@ SAPIEN needs a Vulkan device even for state observations; on a CPU-only machine 
 (installed by ``bash scripts/install.sh``). :func:`make_single_env` builds exactly the env one CPU worker runs,
 so demonstrations recorded with it (:mod:`fastnft.demos`) see the same observations as the vector env.
 
+Two observation modes (``EnvConfig.obs_mode``):
+
+* **state**: ``[N, obs_dim]`` float32, ManiSkill's flattened ground-truth state (42 for PickCube-v1).
+* **rgb** (camera observations for pi0-style policies): a dict with lerobot's keys,
+
+  - ``observation.images.<camera>``: ``[N, H, W, 3]`` uint8 for each name in ``EnvConfig.cameras``, in order;
+  - ``observation.state``: ``[N, state_dim]`` float32, ManiSkill's rgb-mode ``agent`` entries (the robot's
+    proprioception: ``qpos``, ``qvel``) followed by its ``extra`` entries (the task's additions), each flattened
+    in ManiSkill's own dict order with ManiSkill's ``flatten_state_dict``, i.e. the layout of ManiSkill's state
+    mode without the entries that only state mode adds. PickCube-v1 (29): ``qpos`` 0:9, ``qvel`` 9:18,
+    ``is_grasped`` 18, ``tcp_pose`` 19:26, ``goal_pos`` 26:29, equal to the first 29 entries of its state
+    observation. The goal is hidden from the cameras, so ``goal_pos`` is the only place it appears. The cameras'
+    ``sensor_param`` (intrinsics, poses) are not included;
+  - ``task``: N copies of the language instruction (``EnvConfig.instruction`` or the task's built-in one).
+
+  The CPU workers render with SAPIEN's CPU renderer (lavapipe), or with the GPU renderer where CUDA is present,
+  and ship the frames through the ``AsyncVectorEnv``'s shared memory (a ``Dict`` space of ``state`` and one uint8
+  array per camera); the instruction is added in this process. The GPU backend renders in the PhysX-GPU scene on
+  the same GPU and returns the frames as CUDA tensors.
+
     env = ManiSkillVectorEnv(EnvConfig(sim_backend="cpu"), num_envs=4)
     obs = env.reset([0, 1, 2, 3])          # [4, 42] float32 for PickCube-v1 / state / pd_ee_delta_pos
     res = env.step(torch.zeros(4, env.act_dim))
     env.close()
+
+    env = ManiSkillVectorEnv(EnvConfig(obs_mode="rgb", image_size=64), num_envs=2)
+    obs = env.reset([0, 1])  # {"observation.images.base_camera": [2, 64, 64, 3] uint8,
+                             #  "observation.state": [2, 29] float32, "task": [2 strings]}
 """
 
 from __future__ import annotations
@@ -34,7 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastnft.envs.base import VectorEnv
+from fastnft.envs.base import STATE_KEY, TASK_KEY, EnvObs, VectorEnv, image_key
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -130,9 +154,57 @@ def _translate_sim_error(e: BaseException) -> BaseException:
     return e
 
 
-def _make_kwargs(task: str, control_mode: str, obs_mode: str, max_episode_steps: int) -> dict[str, Any]:
-    return dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_episode_steps,
-                render_mode=None, render_backend="none")
+def _make_kwargs(task: str, control_mode: str, obs_mode: str, max_episode_steps: int,
+                 render_backend: str = "none", image_size: int | None = None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"obs_mode": obs_mode, "control_mode": control_mode, "max_episode_steps": max_episode_steps,
+                          "render_mode": None, "render_backend": render_backend if obs_mode != "state" else "none"}
+    if obs_mode != "state" and image_size is not None:
+        kw["sensor_configs"] = {"width": int(image_size), "height": int(image_size)}
+    return kw
+
+
+def _cpu_render_backend() -> str:
+    """SAPIEN renderer of the CPU-physics workers: the GPU's where CUDA is present, else the CPU's (lavapipe)."""
+    return "sapien_cuda" if torch.cuda.is_available() else "sapien_cpu"
+
+
+def _state_dim(space: Any) -> int:
+    """Width of ``flatten_state_dict`` of the ``agent`` and ``extra`` entries of a ManiSkill (single-env)
+    observation space (a scalar such as ``is_grasped`` counts 1)."""
+    from gymnasium import spaces
+
+    def size(sp: Any) -> int:
+        if isinstance(sp, spaces.Dict):
+            return sum(size(v) for v in sp.values())
+        return max(1, int(np.prod(sp.shape)))
+
+    return sum(size(space[k]) for k in ("agent", "extra") if k in space.spaces)
+
+
+def _check_cameras(base: Any, cameras: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    """``{camera: (H, W, 3)}`` of the requested RGB cameras of ManiSkill env ``base`` (rgb obs mode).
+
+    Raises:
+        ConfigError: a camera the task does not have (the message names env.cameras and lists the ones it has).
+    """
+    from fastnft.config import ConfigError
+
+    sensors = base.single_observation_space["sensor_data"]
+    have = [k for k in sensors.spaces if "rgb" in sensors[k].spaces]
+    missing = [c for c in cameras if c not in have]
+    if missing:
+        spec = getattr(base, "spec", None)
+        raise ConfigError(f"config key 'env.cameras': {spec.id if spec else 'the task'} has no camera "
+                          f"{', '.join(map(repr, missing))}; its cameras are {', '.join(have) or 'none'}")
+    return {c: tuple(int(x) for x in sensors[c]["rgb"].shape) for c in cameras}  # type: ignore[misc]
+
+
+def _rgb_state(obs: dict[str, Any], device: Any = None) -> Tensor:
+    """``[B, state_dim]`` float32: ``agent`` then ``extra`` of a ManiSkill rgb-mode observation, flattened."""
+    from mani_skill.utils.common import flatten_state_dict
+
+    parts = {k: obs[k] for k in ("agent", "extra") if k in obs}
+    return flatten_state_dict(parts, use_torch=True, device=device).float()
 
 
 def _reset_obs(base: Any) -> Any:
@@ -154,18 +226,31 @@ def _single_env_class() -> type:
     import gymnasium as gym
 
     class SingleManiSkillEnv(gym.Wrapper):
-        """One CPU ManiSkill env with an unbatched numpy API: obs ``[obs_dim]`` float32, reward float,
-        ``terminated``/``truncated`` always False (the VectorEnv base class owns episode ends), info
+        """One CPU ManiSkill env with an unbatched numpy API: obs ``[obs_dim]`` float32 (state mode) or
+        ``{"state": [state_dim] float32, <camera>: [H, W, 3] uint8, ...}`` (rgb mode, ``cameras`` given), reward
+        float, ``terminated``/``truncated`` always False (the VectorEnv base class owns episode ends), info
         ``{"success": bool}``."""
 
-        def __init__(self, env: gym.Env) -> None:
+        def __init__(self, env: gym.Env, cameras: list[str] | tuple[str, ...] | None = None) -> None:
             super().__init__(env)
             base = env.unwrapped
-            self.observation_space = base.single_observation_space
+            self.cameras = tuple(cameras) if cameras is not None else None
+            if self.cameras is None:
+                self.observation_space = base.single_observation_space
+            else:
+                shapes = _check_cameras(base, self.cameras)
+                self.observation_space = gym.spaces.Dict(
+                    {"state": gym.spaces.Box(-np.inf, np.inf, (_state_dim(base.single_observation_space),),
+                                             np.float32),
+                     **{c: gym.spaces.Box(0, 255, shapes[c], np.uint8) for c in self.cameras}})
             self.action_space = base.single_action_space
 
-        @staticmethod
-        def _obs(obs: Any) -> np.ndarray:
+        def _obs(self, obs: Any) -> Any:
+            if self.cameras is not None:
+                out = {"state": _rgb_state(obs).reshape(-1).numpy()}
+                for c in self.cameras:
+                    out[c] = torch.as_tensor(obs["sensor_data"][c]["rgb"][0]).cpu().numpy().astype(np.uint8, copy=False)
+                return out
             if isinstance(obs, dict):
                 from mani_skill.utils.common import flatten_state_dict
 
@@ -186,7 +271,8 @@ def _single_env_class() -> type:
 
 
 def make_single_env(task: str = "PickCube-v1", control_mode: str = "pd_ee_delta_pos", obs_mode: str = "state",
-                    max_episode_steps: int = 100) -> gym.Env:
+                    max_episode_steps: int = 100, *, cameras: list[str] | tuple[str, ...] = ("base_camera",),
+                    image_size: int | None = None, render_backend: str | None = None) -> gym.Env:
     """Build the single CPU ManiSkill env that each worker of :class:`ManiSkillVectorEnv` runs.
 
     API: ``reset(seed=s) -> (obs, {})`` and ``step(action) -> (obs, reward, False, False, {"success": bool})`` with
@@ -195,30 +281,44 @@ def make_single_env(task: str = "PickCube-v1", control_mode: str = "pd_ee_delta_
     itself. ``env.unwrapped`` is ManiSkill's ``BaseEnv`` (controllers, scene) for tools such as demo conversion.
     Uses one torch thread (several run side by side).
 
+    With ``obs_mode="rgb"`` the obs is ``{"state": [state_dim] float32, <camera>: [H, W, 3] uint8}`` for each of
+    ``cameras`` (rendered at ``image_size`` if given, with ``render_backend``, default :func:`_cpu_render_backend`);
+    the other arguments are then used; they are ignored in state mode.
+
     Raises:
-        ValueError: unknown task id.
+        ValueError: unknown task id, or an obs mode other than ``state`` / ``rgb``.
+        ConfigError: a camera the task lacks (names ``env.cameras``).
         RuntimeError: no Vulkan device (message says how to install one) or missing assets.
     """
     import gymnasium as gym
 
+    if obs_mode not in ("state", "rgb"):
+        raise ValueError(f"obs_mode must be 'state' or 'rgb', got {obs_mode!r}")
     check_task(task)
     torch.set_num_threads(1)
+    rb = (render_backend or _cpu_render_backend()) if obs_mode == "rgb" else "none"
     try:
         env = gym.make(task, sim_backend="physx_cpu", num_envs=1,
-                       **_make_kwargs(task, control_mode, obs_mode, max_episode_steps))
+                       **_make_kwargs(task, control_mode, obs_mode, max_episode_steps, rb, image_size))
     except Exception as e:
         raise _translate_sim_error(e) from e
-    return _single_env_class()(env)
+    try:
+        return _single_env_class()(env, cameras=tuple(cameras) if obs_mode == "rgb" else None)
+    except Exception:
+        env.close()
+        raise
 
 
 class _EnvFn:
     """Picklable factory for AsyncVectorEnv workers (spawned processes re-import this module)."""
 
-    def __init__(self, task: str, control_mode: str, obs_mode: str, max_episode_steps: int) -> None:
+    def __init__(self, task: str, control_mode: str, obs_mode: str, max_episode_steps: int,
+                 **kwargs: Any) -> None:
         self.args = (task, control_mode, obs_mode, max_episode_steps)
+        self.kwargs = kwargs
 
     def __call__(self) -> gym.Env:
-        return make_single_env(*self.args)
+        return make_single_env(*self.args, **self.kwargs)
 
 
 def _close_async(venv: Any) -> None:
@@ -232,21 +332,28 @@ class ManiSkillVectorEnv(VectorEnv):
     """N ManiSkill3 envs of one task, stepped in lockstep (see the module docstring for the two backends).
 
     Args:
-        cfg: env config; uses ``task``, ``control_mode``, ``obs_mode``, ``max_episode_steps``, ``sim_backend``.
+        cfg: env config; uses ``task``, ``control_mode``, ``obs_mode``, ``max_episode_steps``, ``sim_backend``,
+            and for ``obs_mode: rgb`` also ``cameras``, ``image_size``, ``instruction``.
         num_envs: N parallel envs (CPU: one subprocess each; keep it near the number of free cores).
 
     Attributes:
-        obs_dim: flattened state size (42 for PickCube-v1, state obs).
+        obs_dim: flattened state size (42 for PickCube-v1, state obs); with ``rgb`` the width of
+            ``observation.state`` (29 for PickCube-v1).
+        obs_mode: ``'state'`` or ``'rgb'``.
+        cameras: the camera names of ``rgb`` (empty for ``state``).
+        image_shapes: ``{camera: (H, W, 3)}`` of ``rgb`` frames (empty for ``state``).
+        instruction: the language instruction sent as ``task`` with ``rgb`` (empty for ``state``).
         act_dim: action size (4 for the Panda in ``pd_ee_delta_pos``: xyz end-effector delta + gripper).
         action_low, action_high: ``[act_dim]`` float32 bounds of the action space (``-1`` / ``1`` for Panda
             ``pd_ee_delta_pos``; the controller scales them to +-0.1 m per step).
         backend: ``'cpu'`` or ``'gpu'``.
 
-    Observations are ``[N, obs_dim]`` float32 tensors on :attr:`device` (CPU, or the GPU scene's device); success
-    is ManiSkill's ``info["success"]``.
+    Observations are ``[N, obs_dim]`` float32 tensors (``state``) or dicts (``rgb``, see the module docstring) on
+    :attr:`device` (CPU, or the GPU scene's device); success is ManiSkill's ``info["success"]``.
 
     Raises:
         ValueError: unknown task id (lists valid ones) or ``num_envs < 1``.
+        ConfigError: a camera the task lacks (names ``env.cameras``).
         RuntimeError: no Vulkan device (says to run ``bash scripts/install.sh``), missing assets, or ``gpu``
             requested without CUDA.
     """
@@ -260,6 +367,12 @@ class ManiSkillVectorEnv(VectorEnv):
         self.max_episode_steps = int(cfg.max_episode_steps)
         self.task = cfg.task
         self.control_mode = cfg.control_mode
+        self.obs_mode = cfg.obs_mode
+        self.rgb = cfg.obs_mode == "rgb"
+        self.cameras: tuple[str, ...] = tuple(cfg.cameras) if self.rgb else ()
+        self.image_shapes: dict[str, tuple[int, int, int]] = {}
+        self.instruction = cfg.language_instruction() if self.rgb else ""
+        self._tasks = [self.instruction] * self.num_envs
         self.backend = resolve_backend(cfg)
         self._venv: Any = None
         self._gpu_env: Any = None
@@ -272,7 +385,9 @@ class ManiSkillVectorEnv(VectorEnv):
     def _init_cpu(self, cfg: EnvConfig) -> None:
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
-        fn = _EnvFn(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps)
+        extra = ({"cameras": self.cameras, "image_size": cfg.image_size, "render_backend": _cpu_render_backend()}
+                 if self.rgb else {})
+        fn = _EnvFn(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps, **extra)
         try:
             # gymnasium builds env_fns[0]() once in this process to read the spaces: a Vulkan problem raises here.
             venv = AsyncVectorEnv([fn] * self.num_envs, context="spawn", shared_memory=True, copy=True,
@@ -282,7 +397,11 @@ class ManiSkillVectorEnv(VectorEnv):
         self._venv = venv
         self._finalizer = weakref.finalize(self, _close_async, venv)
         obs_space, act_space = venv.single_observation_space, venv.single_action_space
-        self.obs_dim = int(np.prod(obs_space.shape))
+        if self.rgb:
+            self.obs_dim = int(obs_space["state"].shape[0])
+            self.image_shapes = {c: tuple(obs_space[c].shape) for c in self.cameras}  # type: ignore[misc]
+        else:
+            self.obs_dim = int(np.prod(obs_space.shape))
         self.act_dim = int(np.prod(act_space.shape))
         self.action_low = torch.as_tensor(np.asarray(act_space.low, dtype=np.float32).reshape(-1))
         self.action_high = torch.as_tensor(np.asarray(act_space.high, dtype=np.float32).reshape(-1))
@@ -293,21 +412,36 @@ class ManiSkillVectorEnv(VectorEnv):
 
         from fastnft.devices import local_rank
 
-        try:  # each rank simulates on its own GPU, the one its policy uses
-            env = gym.make(cfg.task, num_envs=self.num_envs, sim_backend=f"physx_cuda:{local_rank()}",
-                           **_make_kwargs(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps))
+        rank = local_rank()
+        try:  # each rank simulates (and renders) on its own GPU, the one its policy uses
+            env = gym.make(cfg.task, num_envs=self.num_envs, sim_backend=f"physx_cuda:{rank}",
+                           **_make_kwargs(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps,
+                                          f"sapien_cuda:{rank}", cfg.image_size))
         except Exception as e:
             raise _translate_sim_error(e) from e
         self._gpu_env = env
         self._finalizer = weakref.finalize(self, env.close)
         base = env.unwrapped
         self.device = torch.device(base.device)
-        self.obs_dim = int(np.prod(base.single_observation_space.shape))
+        if self.rgb:
+            self.image_shapes = _check_cameras(base, self.cameras)
+            self.obs_dim = _state_dim(base.single_observation_space)
+        else:
+            self.obs_dim = int(np.prod(base.single_observation_space.shape))
         self.act_dim = int(np.prod(base.single_action_space.shape))
         self.action_low = torch.as_tensor(np.asarray(base.single_action_space.low, np.float32).reshape(-1))
         self.action_high = torch.as_tensor(np.asarray(base.single_action_space.high, np.float32).reshape(-1))
 
-    def _gpu_obs(self, obs: Any) -> Tensor:  # pragma: no cover - needs CUDA
+    def _gpu_obs(self, obs: Any) -> EnvObs:  # pragma: no cover - needs CUDA
+        if self.rgb:  # every tensor stays on the scene's device; no host sync added here
+            # ManiSkill's default ("minimal") shader returns a view of SAPIEN's CUDA picture buffer, which the next
+            # render overwrites: copy it (on the device) so a kept observation stays the frame it was.
+            out: dict[str, Any] = {
+                image_key(c): obs["sensor_data"][c]["rgb"].clone(memory_format=torch.contiguous_format)
+                for c in self.cameras}
+            out[STATE_KEY] = _rgb_state(obs, self.device).reshape(self.num_envs, self.obs_dim)
+            out[TASK_KEY] = list(self._tasks)
+            return out
         if isinstance(obs, dict):
             from mani_skill.utils.common import flatten_state_dict
 
@@ -315,15 +449,26 @@ class ManiSkillVectorEnv(VectorEnv):
         return obs.reshape(self.num_envs, -1).float()  # stays on the scene's device
 
     # -- VectorEnv -------------------------------------------------------------------------------------------
-    def _reset(self, seeds: list[int]) -> Tensor:
+    def _cpu_obs(self, obs: Any) -> EnvObs:
+        """The AsyncVectorEnv's batched obs -> ``[N, obs_dim]`` float32, or the rgb dict (frames stay uint8)."""
+        if not self.rgb:
+            return torch.from_numpy(np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim))
+        out: dict[str, Any] = {image_key(c): torch.from_numpy(np.asarray(obs[c], dtype=np.uint8))
+                               for c in self.cameras}
+        out[STATE_KEY] = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32).reshape(self.num_envs,
+                                                                                             self.obs_dim))
+        out[TASK_KEY] = list(self._tasks)
+        return out
+
+    def _reset(self, seeds: list[int]) -> EnvObs:
         if self._gpu_env is not None:  # pragma: no cover - needs CUDA
             self._gpu_env.reset(seed=list(seeds))
             return self._gpu_obs(_reset_obs(self._gpu_env.unwrapped))
         self._require_open()
         obs, _ = self._venv.reset(seed=list(seeds))
-        return torch.from_numpy(np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim))
+        return self._cpu_obs(obs)
 
-    def _step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _step(self, actions: Tensor) -> tuple[EnvObs, Tensor, Tensor]:
         if self._gpu_env is not None:  # pragma: no cover - needs CUDA
             obs, reward, _, _, info = self._gpu_env.step(actions)  # the base class put them on self.device
             return (self._gpu_obs(obs), torch.as_tensor(reward, device=self.device).float().reshape(-1),
@@ -331,7 +476,7 @@ class ManiSkillVectorEnv(VectorEnv):
         self._require_open()
         obs, reward, _, _, info = self._venv.step(actions.numpy().astype(np.float32, copy=False))
         success = np.asarray(info.get("success", np.zeros(self.num_envs)), dtype=bool).reshape(-1)
-        return (torch.from_numpy(np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim)),
+        return (self._cpu_obs(obs),
                 torch.from_numpy(np.asarray(reward, dtype=np.float32).reshape(-1)),
                 torch.from_numpy(success.copy()))
 
@@ -355,8 +500,10 @@ class ManiSkillVectorEnv(VectorEnv):
         self.close()
 
     def __repr__(self) -> str:
+        rgb = f", cameras={list(self.cameras)}, image_shapes={self.image_shapes}" if self.rgb else ""
         return (f"ManiSkillVectorEnv(task={self.task!r}, control_mode={self.control_mode!r}, "
-                f"num_envs={self.num_envs}, backend={self.backend!r}, obs_dim={self.obs_dim}, act_dim={self.act_dim})")
+                f"num_envs={self.num_envs}, backend={self.backend!r}, obs_mode={self.obs_mode!r}, "
+                f"obs_dim={self.obs_dim}, act_dim={self.act_dim}{rgb})")
 
 
 def _worker_pids(env: ManiSkillVectorEnv) -> list[int]:
