@@ -27,8 +27,6 @@ File ``<out_dir>/<task>_<control_mode>.npz`` (see :func:`demo_file`; no pickles,
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from fastnft.atomic import atomic_write
 
 if TYPE_CHECKING:
     from fastnft.config import ExperimentConfig
@@ -110,7 +110,7 @@ def demo_file(out_dir: str | Path, task: str, control_mode: str) -> Path:
 # -- file I/O ---------------------------------------------------------------------------------------------------
 
 def save_demos(demos: DemoSet, path: str | Path) -> Path:
-    """Write ``demos`` to ``path`` atomically (temp file in the same folder + ``os.replace``). Returns the path.
+    """Write ``demos`` to ``path`` atomically (:func:`fastnft.atomic.atomic_write`). Returns the path.
 
     Raises:
         ValueError: an episode with inconsistent shapes.
@@ -136,17 +136,7 @@ def save_demos(demos: DemoSet, path: str | Path) -> Path:
         seed_start=np.array(demos.seed_start, dtype=np.int64),
         format_version=np.array(FORMAT_VERSION, dtype=np.int64),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_demos(path: str | Path, *, env_id: str | None = None, control_mode: str | None = None) -> DemoSet:

@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,6 @@ __all__ = [
     "paired_diff_interval",
     "format_table",
     "plot_success_curves",
-    "write_json_atomic",
 ]
 
 
@@ -133,19 +129,6 @@ def diff_interval(s1: int, n1: int, s2: int, n2: int, z: float = 1.96) -> tuple[
     lo = d - ((p2 - l2) ** 2 + (u1 - p1) ** 2) ** 0.5
     hi = d + ((u2 - p2) ** 2 + (p1 - l1) ** 2) ** 0.5
     return d, lo, hi
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temp file + fsync + rename, so a kill never leaves a torn report."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
 
 
 def plot_success_curves(curves: dict[str, list[dict[str, float]]], path: str | Path, title: str) -> Path:

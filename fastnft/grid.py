@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import yaml
 
+from fastnft.atomic import write_json_atomic
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
-from fastnft.evaluate import paired_diff_interval, write_json_atomic
+from fastnft.evaluate import paired_diff_interval
 
 __all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "run_grid", "summarize_grid"]
 

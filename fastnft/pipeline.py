@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastnft.atomic import write_json_atomic
 from fastnft.config import ExperimentConfig, config_to_dict
-from fastnft.evaluate import diff_interval, format_table, plot_success_curves, write_json_atomic
+from fastnft.evaluate import diff_interval, format_table, plot_success_curves
 
 __all__ = ["ABLATIONS", "run_pipeline", "variant_config"]
 

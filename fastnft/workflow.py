@@ -6,14 +6,13 @@ Policy files (SFT results) are single ``torch.save`` files written atomically; t
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastnft.atomic import torch_save_atomic
 from fastnft.config import ExperimentConfig, config_to_dict
 from fastnft.devices import resolve_device  # re-exported: the CLI commands resolve the device here
 from fastnft.policies.state_flow import StateFlowPolicy
@@ -35,21 +34,7 @@ class PolicyFileError(RuntimeError):
 
 def save_policy(path: str | Path, policy: StateFlowPolicy, meta: dict[str, Any]) -> Path:
     """Write ``{"policy": export, "meta": meta}`` atomically (temp file in the same folder, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"policy": policy.export(), "meta": meta}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return torch_save_atomic(path, {"policy": policy.export(), "meta": meta})
 
 
 def load_policy(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[StateFlowPolicy, dict[str, Any]]:

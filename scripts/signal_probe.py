@@ -108,7 +108,7 @@ def main() -> None:
         out["schemes"][name]["one random step per call"] = snr(
             per_episode_grads(policy, one_step, sch, cfg.nft, policy.C, schemes[name]))
         print(name, "one step", out["schemes"][name]["one random step per call"], flush=True)
-    from fastnft.evaluate import write_json_atomic
+    from fastnft.atomic import write_json_atomic
 
     write_json_atomic(args.out, out)
     print(f"wrote {args.out}")
