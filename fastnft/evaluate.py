@@ -19,26 +19,12 @@ from fastnft.rollout import run_episodes, wilson_interval
 from fastnft.sde import flow_sde_schedule
 
 __all__ = [
-    "all_reduce",
     "diff_interval",
     "evaluate_policy",
     "paired_diff_interval",
     "format_table",
     "plot_success_curves",
 ]
-
-
-def all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
-    """All-reduce of ``t`` over ranks (identity with one rank); returns the result on ``t``'s device and dtype.
-
-    The collective runs on a copy on :func:`fastnft.engine.dist.collective_device` (CUDA for an NCCL group, CPU for
-    gloo), so callers may pass tensors of any device.
-    """
-    if fdist.is_initialized() and fdist.world_size() > 1:
-        work = t.to(fdist.collective_device())
-        tdist.all_reduce(work, op=op)
-        return work.to(t.device)
-    return t
 
 
 def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], num_steps: int, *,
@@ -76,15 +62,11 @@ def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], n
         succ.append(st.episode_success.to(torch.long))
         steps_sum += int(st.episode_steps.sum())
     mine = torch.cat(succ).tolist() if succ else []
-    per_episode = mine
-    if fdist.is_initialized() and fdist.world_size() > 1:
-        gathered: list[Any] = [None] * fdist.world_size()
-        tdist.all_gather_object(gathered, mine)
-        # ranks hold seeds j % world == rank: interleave back to seed order
-        per_episode = [gathered[j % len(gathered)][j // len(gathered)]
-                       for j in range(sum(len(g) for g in gathered))]
+    gathered = fdist.all_gather_object(mine)
+    # ranks hold seeds j % world == rank: interleave back to seed order
+    per_episode = [gathered[j % len(gathered)][j // len(gathered)] for j in range(sum(len(g) for g in gathered))]
     counts = torch.tensor([sum(mine), len(mine), steps_sum], dtype=torch.float64)
-    counts = all_reduce(counts, tdist.ReduceOp.SUM if tdist.is_available() else None)
+    counts = fdist.all_reduce(counts, tdist.ReduceOp.SUM if tdist.is_available() else None)
     s, n, steps = (int(c) for c in counts.tolist())
     lo, hi = wilson_interval(s, n)
     return {"success_rate": s / max(n, 1), "successes": s, "episodes": n, "ci_low": lo, "ci_high": hi,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -22,7 +21,7 @@ from fastnft.devices import make_generator, resolve_device
 from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
-from fastnft.evaluate import all_reduce, evaluate_policy
+from fastnft.evaluate import evaluate_policy
 from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
@@ -115,11 +114,7 @@ class StepNFTTrainer:
 
     def _save(self, it: int) -> None:
         actor = self.engine.state_dict_for_checkpoint()  # collective
-        rng = [self.gen.get_state()]
-        if fdist.world_size() > 1:
-            gathered: list[Any] = [None] * fdist.world_size()
-            tdist.all_gather_object(gathered, self.gen.get_state())
-            rng = gathered
+        rng = fdist.all_gather_object(self.gen.get_state())
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
                                            "rng_device": self.device.type,
                                            "history": self.history, "config": config_to_dict(self.cfg)},
@@ -158,7 +153,7 @@ class StepNFTTrainer:
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
-        m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
+        m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
         fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/",
@@ -180,9 +175,9 @@ class StepNFTTrainer:
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)
         with timers.range("actor/ema"):
             self.ema.update(self.engine.module, decay)
-        counts = all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
-                                           int((buf.y > 0).sum())], dtype=torch.float64),
-                             tdist.ReduceOp.SUM if tdist.is_available() else None)
+        counts = fdist.all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
+                                                 int((buf.y > 0).sum())], dtype=torch.float64),
+                                   tdist.ReduceOp.SUM if tdist.is_available() else None)
         succ, eps, env_steps, rows, pos = counts.tolist()
         tm = timers.summary()
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,

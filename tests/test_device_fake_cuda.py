@@ -203,7 +203,7 @@ def test_collectives_use_the_backends_device(monkeypatch):
     import torch.distributed as tdist
 
     from fastnft.engine import dist as fdist
-    from fastnft.evaluate import all_reduce
+    from fastnft.engine.dist import all_reduce
 
     seen = []
     monkeypatch.setattr(fdist, "is_initialized", lambda: True)
