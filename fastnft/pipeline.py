@@ -16,7 +16,7 @@ from typing import Any
 
 from fastnft.atomic import write_json_atomic
 from fastnft.config import ExperimentConfig, config_to_dict
-from fastnft.evaluate import diff_interval, format_table, plot_success_curves
+from fastnft.report import diff_interval, format_table, plot_success_curves
 
 __all__ = ["ABLATIONS", "run_pipeline", "variant_config"]
 

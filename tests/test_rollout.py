@@ -6,7 +6,8 @@ import torch
 from fastnft.config import NFTConfig, PolicyConfig
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
-from fastnft.rollout import episode_labels, run_episodes, wilson_interval
+from fastnft.report import wilson_interval
+from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
 
 
