@@ -16,30 +16,12 @@ simulator) exit with status 2 and one message that names the problem and the fix
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
 
-__all__ = ["friendly_errors", "main"]
+from fastnft.errors import friendly_errors
 
-
-@contextlib.contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Turn input errors into ``error: <message>`` on stderr and exit status 2 (``FASTNFT_DEBUG=1`` re-raises)."""
-    from fastnft.config import ConfigError
-    from fastnft.engine.checkpoint import CheckpointError
-    from fastnft.workflow import PolicyFileError
-
-    try:
-        yield
-    except (ConfigError, CheckpointError, PolicyFileError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("FASTNFT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        print("(set FASTNFT_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["build_parser", "main"]
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastnft.errors import friendly_errors
+
 __all__ = ["add_train_args", "main", "run_train"]
 
 
@@ -75,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     args = p.parse_args(argv)
-    from fastnft.cli import friendly_errors
-
     with friendly_errors():
         out = run_train(args)
     h = out["history"]
