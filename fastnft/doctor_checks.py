@@ -316,7 +316,7 @@ def _bandit_policy(cfg):
 
 def _bandit_init_file(tmp: Path) -> Path:
     from fastnft.config import load_config
-    from fastnft.workflow import save_policy
+    from fastnft.policies.io import save_policy
 
     cfg = load_config(None, [*_bandit_overrides(tmp / "sft", "cpu"), "sft.steps=30", "sft.num_demos=256"])
     return save_policy(tmp / "init.pt", _bandit_policy(cfg), {"task": "bandit"})

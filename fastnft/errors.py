@@ -22,7 +22,7 @@ def friendly_errors() -> Iterator[None]:
     """Turn input errors into ``error: <message>`` on stderr and exit status 2 (``FASTNFT_DEBUG=1`` re-raises)."""
     from fastnft.config import ConfigError
     from fastnft.engine.checkpoint import CheckpointError
-    from fastnft.workflow import PolicyFileError
+    from fastnft.policies.io import PolicyFileError
 
     try:
         yield

@@ -172,8 +172,9 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
 
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.policies.io import load_policy
+    from fastnft.sft import run_sft_stage
     from fastnft.trainer import StepNFTTrainer
-    from fastnft.workflow import load_policy, run_sft_stage
 
     cfg: ExperimentConfig = load_config(spec.base_config, run.overrides)
     t0 = time.time()

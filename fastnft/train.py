@@ -42,10 +42,12 @@ def run_train(args: argparse.Namespace) -> dict:
     import yaml
 
     from fastnft.config import config_to_dict, load_config
+    from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.policies.io import load_policy
+    from fastnft.sft import sft_checkpoint_path
     from fastnft.trainer import StepNFTTrainer
-    from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host

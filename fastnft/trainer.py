@@ -223,7 +223,7 @@ class StepNFTTrainer:
         self.profile.close()
         self.metrics.close()
         if self.engine.is_main:
-            from fastnft.workflow import save_policy
+            from fastnft.policies.io import save_policy
 
             save_policy(self.run_dir / "policy_final.pt", self.ema.module,  # type: ignore[arg-type]
                         {"task": self.cfg.env.task, "iteration": self.cfg.train.iterations, "kind": "stepnft_ema"})

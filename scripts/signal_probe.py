@@ -26,10 +26,11 @@ from fastnft.config import load_config
 from fastnft.envs import make_env
 from fastnft.kernels import get_sde_step
 from fastnft.nft import stepnft_loss
+from fastnft.policies.io import load_policy
 from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
+from fastnft.sft import sft_checkpoint_path
 from fastnft.update import buffer_loss
-from fastnft.workflow import load_policy, sft_checkpoint_path
 
 
 def per_episode_grads(policy, buf, sch, nft, C, ep_labels):

@@ -3,8 +3,9 @@
 import torch
 
 from fastnft.config import PolicyConfig, SFTConfig
+from fastnft.demos import ChunkDataset, chunks_from_episodes
 from fastnft.sde import flow_sde_schedule
-from fastnft.sft import ChunkDataset, build_policy, chunks_from_episodes, train_sft
+from fastnft.sft import build_policy, train_sft
 
 
 def test_sft_fits_conditional_gaussian():
