@@ -250,7 +250,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     timers = timers or PhaseTimers()
     was_training = policy.training
     policy.eval()
-    N, K, C = env.num_envs, schedule.num_steps, policy.C
+    N, K, C = env.num_envs, schedule.num_steps, policy.n_action_steps
     per_call = nft.steps_per_call if nft else 1
     fixed = nft.fixed_step() if nft else None
     rows: dict[str, list[Tensor]] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
@@ -320,7 +320,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     if not record:
         return None, stats
     if not rows["step"]:
-        raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
+        raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.n_action_steps")
     buf = {k: torch.cat(v) for k, v in rows.items()}
     outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
     if algo == "grpo":

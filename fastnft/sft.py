@@ -110,9 +110,15 @@ def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, devic
 
 
 def sft_key(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What determines the SFT result: task, control mode, demos, SFT and architecture settings."""
+    """What determines the SFT result: task, control mode, demos, SFT and architecture settings.
+
+    Cached SFT files store this key (``meta["key"]``) and are reused only while it is equal, so its values must not
+    change with renames: ``policy.n_action_steps`` keeps its old name ``chunk`` here, which every SFT file written
+    before the rename holds (renaming it would silently retrain and overwrite them).
+    """
+    policy = {("chunk" if k == "n_action_steps" else k): v for k, v in config_to_dict(cfg.policy).items()}
     return {"task": cfg.env.task, "control_mode": cfg.env.control_mode, "demos": config_to_dict(cfg.demos),
-            "sft": config_to_dict(cfg.sft), "policy": config_to_dict(cfg.policy)}
+            "sft": config_to_dict(cfg.sft), "policy": policy}
 
 
 def sft_checkpoint_path(cfg: ExperimentConfig) -> Path:

@@ -71,7 +71,7 @@ class StepNFTTrainer:
         self.device = self.engine.device
         self.ema.module.to(self.device)
         self.rank, self.world = self.engine.rank, self.engine.world_size
-        self.C = policy.C
+        self.n_action_steps = policy.n_action_steps  # executed steps per policy call, SPEC's C
         K = cfg.policy.num_steps
         noise = cfg.nft.noise_level if cfg.nft.rollout == "sde" else 0.0
         self.rollout_sch = flow_sde_schedule(K, noise).to(device=self.device, dtype=torch.float32)
@@ -143,7 +143,7 @@ class StepNFTTrainer:
     # -- one iteration ----------------------------------------------------------------------------------------------
     def iteration(self, it: int) -> dict[str, float]:
         """Rollout, update epochs, EMA update. Returns the iteration's metrics."""
-        cfg = self.cfg
+        cfg, C = self.cfg, self.n_action_steps
         timers = PhaseTimers()
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
@@ -156,20 +156,20 @@ class StepNFTTrainer:
         m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
-        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/",
+        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="fresh/",
                                  grpo=self.grpo)
         if cfg.train.diagnostics and self.engine.zero_stage < 3:
             with timers.range("actor/diagnostics"):
-                fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C,
+                fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, C,
                                              self.loss_fn, self.gen, grpo=self.grpo))
         lr = cfg.train.lr * (min(1.0, (it + 1) / cfg.train.lr_warmup) if cfg.train.lr_warmup else 1.0)
         self.engine.set_lr(lr)
         fresh["update/lr"] = lr
         with timers.range("actor/update"):
-            upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
+            upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
                                loss_fn=self.loss_fn, generator=self.gen, grpo=self.grpo)
-        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/",
+        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="replayed/",
                                   grpo=self.grpo)
         T = cfg.train.ema_horizon or cfg.train.iterations
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)

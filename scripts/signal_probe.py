@@ -103,11 +103,11 @@ def main() -> None:
            "success_rate": float(succ.float().mean()), "mean_dense_score": float(score.mean()),
            "rows_all_k": len(buf), "rows_one_step": len(one_step), "rollout_s": roll_s, "schemes": {}}
     for name, lab in schemes.items():
-        out["schemes"][name] = {"all K steps": snr(per_episode_grads(policy, buf, sch, cfg.nft, policy.C, lab))}
+        out["schemes"][name] = {"all K steps": snr(per_episode_grads(policy, buf, sch, cfg.nft, policy.n_action_steps, lab))}
         print(name, out["schemes"][name], flush=True)
     for name in ("success, group baseline (default recipe)", "dense score, group baseline"):
         out["schemes"][name]["one random step per call"] = snr(
-            per_episode_grads(policy, one_step, sch, cfg.nft, policy.C, schemes[name]))
+            per_episode_grads(policy, one_step, sch, cfg.nft, policy.n_action_steps, schemes[name]))
         print(name, "one step", out["schemes"][name]["one random step per call"], flush=True)
     from fastnft.atomic import write_json_atomic
 

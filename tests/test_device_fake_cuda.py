@@ -195,7 +195,7 @@ def test_cpu_generator_for_cuda_draw_is_refused_by_the_policy():
 def _cfg_policy():
     from fastnft.config import PolicyConfig
 
-    return PolicyConfig(horizon=4, chunk=4, width=16, depth=1, heads=2, num_steps=4)
+    return PolicyConfig(horizon=4, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4)
 
 
 def test_collectives_use_the_backends_device(monkeypatch):

@@ -36,7 +36,7 @@ class ScriptedEnv(VectorEnv):
 
 def _policy():
     torch.manual_seed(0)
-    return StateFlowPolicy(2, 2, PolicyConfig(horizon=6, chunk=4, width=16, depth=1, heads=2, num_steps=4))
+    return StateFlowPolicy(2, 2, PolicyConfig(horizon=6, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4))
 
 
 def test_calls_after_episode_end_are_not_stored_and_labels_follow_success():

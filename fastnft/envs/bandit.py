@@ -27,7 +27,7 @@ class BanditEnv(VectorEnv):
 
     Args:
         num_envs: N.
-        chunk: env steps per episode (set it to the policy's executed chunk C).
+        chunk: env steps per episode (set it to the policy's executed steps, ``policy.n_action_steps``).
         obs_dim: context width (default 4).
         act_dim: action width (default 2).
         radius: success radius around the target (default 0.3).

@@ -364,11 +364,6 @@ class Pi0Policy(nn.Module):
         self.H, self.n_action_steps, self.D, self.act_dim = (cfg.chunk_size, cfg.n_action_steps,
                                                              cfg.max_action_dim, cfg.action_dim)
 
-    @property
-    def C(self) -> int:
-        """Executed steps per call (alias of ``n_action_steps`` for the pre-protocol rollout code)."""
-        return self.n_action_steps
-
     # -- network ------------------------------------------------------------------------------------------------
     def process(self, obs: dict[str, Any]) -> dict[str, Tensor]:
         """Raw observation dict -> model inputs (identity when there is no processor or it is processed)."""
