@@ -134,7 +134,7 @@ def test_update(benchmark):
     g = make_generator(engine.device, 0)
 
     def run():
-        update_actor(engine, buf, sch, cfg.nft, cfg.policy.chunk, update_epochs=1, micro_batch=cfg.train.micro_batch,
+        update_actor(engine, buf, sch, cfg.nft, cfg.policy.n_action_steps, update_epochs=1, micro_batch=cfg.train.micro_batch,
                      loss_fn=stepnft_loss, generator=g)
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)

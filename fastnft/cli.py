@@ -16,30 +16,12 @@ simulator) exit with status 2 and one message that names the problem and the fix
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
 
-__all__ = ["friendly_errors", "main"]
+from fastnft.errors import friendly_errors
 
-
-@contextlib.contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Turn input errors into ``error: <message>`` on stderr and exit status 2 (``FASTNFT_DEBUG=1`` re-raises)."""
-    from fastnft.config import ConfigError
-    from fastnft.engine.checkpoint import CheckpointError
-    from fastnft.workflow import PolicyFileError
-
-    try:
-        yield
-    except (ConfigError, CheckpointError, PolicyFileError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("FASTNFT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        print("(set FASTNFT_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["build_parser", "main"]
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -51,8 +33,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 
 def _cmd_demos(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
-    from fastnft.demos import generate_demos
-    from fastnft.workflow import demo_path
+    from fastnft.demos import demo_path, generate_demos
 
     cfg = load_config(args.config, args.overrides)
     path = generate_demos(cfg, demo_path(cfg), num_demos=cfg.demos.num_demos)
@@ -61,7 +42,7 @@ def _cmd_demos(args: argparse.Namespace) -> None:
 
 def _cmd_sft(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
-    from fastnft.workflow import run_sft_stage
+    from fastnft.sft import run_sft_stage
 
     cfg = load_config(args.config, args.overrides)
     path, meta = run_sft_stage(cfg, force=args.force, progress=not args.no_progress)
@@ -80,9 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
+    from fastnft.devices import resolve_device
     from fastnft.envs import make_env
     from fastnft.evaluate import evaluate_policy
-    from fastnft.workflow import load_policy, load_run_policy, resolve_device, sft_checkpoint_path
+    from fastnft.policies.io import load_policy, load_run_policy
+    from fastnft.sft import sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
@@ -90,7 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     env = make_env(cfg.env)  # first: an unknown task or a missing simulator is the first thing to report
     try:
         if args.run:
-            policy, it = load_run_policy(args.run, cfg)
+            policy, it = load_run_policy(args.run, cfg, sft_checkpoint_path(cfg))
             print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)
         else:
             policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)

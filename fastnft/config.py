@@ -62,6 +62,9 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 """Built-in language instructions of ManiSkill3 tasks (ManiSkill gives none; these follow each task's description),
 used by ``obs_mode: rgb`` when ``env.instruction`` is empty."""
 
+# Keys that were renamed: an old YAML or override gets the new name instead of "unknown key".
+_RENAMED = {"policy.chunk": "policy.n_action_steps"}
+
 
 @dataclass(kw_only=True)
 class EnvConfig:
@@ -134,9 +137,9 @@ class PolicyConfig:
     """State-based flow policy: a small transformer action expert over ``[state token, H action tokens]``."""
 
     horizon: int = 8
-    """Action horizon H: tokens predicted per policy call."""
-    chunk: int = 5
-    """Executed chunk C <= H: actions executed (and supervised) per policy call."""
+    """Action horizon H: tokens predicted per policy call (lerobot's ``chunk_size``)."""
+    n_action_steps: int = 5
+    """Executed steps C <= H: actions executed (and supervised) per policy call (lerobot's name; was ``chunk``)."""
     action_pad: int = 0
     """Pad the action dim to this width D (pi0 uses 32); 0 = no padding (D = the env's action dim)."""
     width: int = 128
@@ -154,7 +157,8 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         _require(self.horizon >= 1, "policy.horizon", "must be >= 1")
-        _require(1 <= self.chunk <= self.horizon, "policy.chunk", f"must be in [1, horizon={self.horizon}]")
+        _require(1 <= self.n_action_steps <= self.horizon, "policy.n_action_steps",
+                 f"must be in [1, horizon={self.horizon}]")
         _require(self.action_pad >= 0, "policy.action_pad", "must be >= 0 (0 = no padding)")
         _require(self.width >= 8 and self.heads >= 1 and self.width % self.heads == 0, "policy.heads",
                  f"width={self.width} must be divisible by heads={self.heads}")
@@ -502,6 +506,9 @@ def config_from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in _RENAMED:
+            raise ConfigError(f"config key '{full}' was renamed to {_RENAMED[full]}; rename it in the YAML or the "
+                              "override")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"

@@ -14,6 +14,9 @@ Pipeline per episode seed ``cfg.demos.seed + k`` (k = 0, 1, ...; failed seeds ar
    returns (including the corrected ``is_grasped = 0`` on the first observation, which ManiSkill's replayed files
    get wrong after the first episode).
 
+A config's demonstrations live in :func:`demo_path` (``<data_dir>/<demos.path>``); :func:`load_demo_episodes` reads
+them back and :func:`chunks_from_episodes` turns episodes into the SFT training pairs (:class:`ChunkDataset`).
+
 File ``<out_dir>/<task>_<control_mode>.npz`` (see :func:`demo_file`; no pickles, ``np.load(allow_pickle=False)``):
 
     obs        [sum(T_e + 1), obs_dim] float32   observations of all episodes, concatenated
@@ -27,20 +30,23 @@ File ``<out_dir>/<task>_<control_mode>.npz`` (see :func:`demo_file`; no pickles,
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from fastnft.atomic import atomic_write
 
 if TYPE_CHECKING:
     from fastnft.config import ExperimentConfig
 
-__all__ = ["DemoEpisode", "DemoError", "DemoSet", "demo_file", "generate_demos", "load_demos", "save_demos"]
+__all__ = ["ChunkDataset", "DemoEpisode", "DemoError", "DemoSet", "chunks_from_episodes", "demo_file", "demo_path",
+           "generate_demos", "load_demo_episodes", "load_demos", "save_demos"]
 
 FORMAT_VERSION = 1
 
@@ -107,10 +113,73 @@ def demo_file(out_dir: str | Path, task: str, control_mode: str) -> Path:
     return Path(out_dir) / f"{task}_{control_mode}.npz"
 
 
+def demo_path(cfg: ExperimentConfig) -> Path:
+    """Folder of the demonstrations."""
+    return Path(cfg.data_dir) / cfg.demos.path
+
+
+def load_demo_episodes(cfg: ExperimentConfig) -> list[tuple[Any, Any]]:
+    """``[(obs [T+1, obs_dim], actions [T, act_dim])]`` of the demonstrations of ``cfg``'s task.
+
+    Raises:
+        DemoError: from :func:`load_demos`, with the fix in the message.
+    """
+    path = demo_file(demo_path(cfg), cfg.env.task, cfg.env.control_mode)
+    ds = load_demos(path, env_id=cfg.env.task, control_mode=cfg.env.control_mode)
+    return [(ep.obs, ep.actions) for ep in ds.episodes]
+
+
+# -- SFT chunks ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ChunkDataset:
+    """Supervised pairs (observation, action chunk).
+
+    Attributes:
+        obs: ``[M, obs_dim]`` float32 raw observations.
+        actions: ``[M, H, act_dim]`` float32 raw env actions starting at that observation.
+        is_pad: ``[M, H]`` bool, True where the chunk ran past the episode end (padded with the last action,
+            excluded from the loss).
+    """
+
+    obs: Tensor
+    actions: Tensor
+    is_pad: Tensor
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+
+def chunks_from_episodes(episodes: Sequence[tuple[np.ndarray, np.ndarray]], horizon: int) -> ChunkDataset:
+    """One chunk per time step of every episode.
+
+    Args:
+        episodes: ``(obs [T+1 or T, obs_dim], actions [T, act_dim])`` per episode.
+        horizon: H.
+
+    Raises:
+        ValueError: an episode with no actions, or observations shorter than the actions.
+    """
+    obs_l, act_l, pad_l = [], [], []
+    for k, (obs, act) in enumerate(episodes):
+        obs, act = np.asarray(obs, np.float32), np.asarray(act, np.float32)
+        T = act.shape[0]
+        if T == 0 or obs.shape[0] < T:
+            raise ValueError(f"demo episode {k}: needs >= 1 action and one observation per action, "
+                             f"got obs {obs.shape} actions {act.shape}")
+        idx = np.arange(T)[:, None] + np.arange(horizon)[None, :]
+        pad = idx >= T
+        obs_l.append(obs[:T])
+        act_l.append(act[np.minimum(idx, T - 1)])
+        pad_l.append(pad)
+    return ChunkDataset(obs=torch.from_numpy(np.concatenate(obs_l)), actions=torch.from_numpy(np.concatenate(act_l)),
+                        is_pad=torch.from_numpy(np.concatenate(pad_l)))
+
+
 # -- file I/O ---------------------------------------------------------------------------------------------------
 
 def save_demos(demos: DemoSet, path: str | Path) -> Path:
-    """Write ``demos`` to ``path`` atomically (temp file in the same folder + ``os.replace``). Returns the path.
+    """Write ``demos`` to ``path`` atomically (:func:`fastnft.atomic.atomic_write`). Returns the path.
 
     Raises:
         ValueError: an episode with inconsistent shapes.
@@ -136,17 +205,7 @@ def save_demos(demos: DemoSet, path: str | Path) -> Path:
         seed_start=np.array(demos.seed_start, dtype=np.int64),
         format_version=np.array(FORMAT_VERSION, dtype=np.int64),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_demos(path: str | Path, *, env_id: str | None = None, control_mode: str | None = None) -> DemoSet:

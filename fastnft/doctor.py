@@ -115,7 +115,7 @@ def run_from_args(args: argparse.Namespace) -> int:
            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
            if torch.cuda.is_available() else [],
            "torch": torch.__version__, "results": [asdict(r) for r in results]}
-    from fastnft.evaluate import write_json_atomic
+    from fastnft.atomic import write_json_atomic
 
     write_json_atomic(args.json, out)
     print(f"results written to {args.json}")

@@ -292,7 +292,7 @@ def _free_port() -> int:
 
 def _bandit_overrides(run_dir: Path, device: str) -> list[str]:
     return [f"run_dir={run_dir}", f"device={device}", "env.task=bandit", "env.max_episode_steps=4",
-            "env.num_envs=64", "policy.horizon=4", "policy.chunk=4", "policy.width=32", "policy.depth=2",
+            "env.num_envs=64", "policy.horizon=4", "policy.n_action_steps=4", "policy.width=32", "policy.depth=2",
             "policy.heads=2", "nft.noise_level=0.3", "nft.max_drift=null", "train.episodes_per_iter=64",
             "train.update_epochs=1", "train.micro_batch=64", "train.lr=1e-3", "train.eval_every=0",
             "train.eval_episodes=64", "train.checkpoint_every=100", "train.iterations=3"]
@@ -316,7 +316,7 @@ def _bandit_policy(cfg):
 
 def _bandit_init_file(tmp: Path) -> Path:
     from fastnft.config import load_config
-    from fastnft.workflow import save_policy
+    from fastnft.policies.io import save_policy
 
     cfg = load_config(None, [*_bandit_overrides(tmp / "sft", "cpu"), "sft.steps=30", "sft.num_demos=256"])
     return save_policy(tmp / "init.pt", _bandit_policy(cfg), {"task": "bandit"})

@@ -12,7 +12,8 @@ label control, GRPO: more overrides) and the RL seed (``train.seed``). Each fini
 sessions and a kill loses at most the run in progress (which resumes from its checkpoints).
 
 Every evaluation of a run uses the same held-out seeds and the same per-episode sampler noise
-(:func:`fastnft.evaluate.evaluate_policy`), so gains are paired per episode (:func:`paired_diff_interval`).
+(:func:`fastnft.evaluate.evaluate_policy`), so gains are paired per episode
+(:func:`fastnft.report.paired_diff_interval`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 import yaml
 
+from fastnft.atomic import write_json_atomic
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
-from fastnft.evaluate import paired_diff_interval, write_json_atomic
+from fastnft.report import mean_interval, paired_diff_interval
 
 __all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "run_grid", "summarize_grid"]
 
@@ -170,8 +172,9 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
 
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.policies.io import load_policy
+    from fastnft.sft import run_sft_stage
     from fastnft.trainer import StepNFTTrainer
-    from fastnft.workflow import load_policy, run_sft_stage
 
     cfg: ExperimentConfig = load_config(spec.base_config, run.overrides)
     t0 = time.time()
@@ -246,25 +249,6 @@ def run_grid(spec: GridSpec, *, only: list[str] | None = None, force: bool = Fal
     return done
 
 
-def _t_quantile(df: int) -> float:
-    """Two-sided 95 % Student-t quantile."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
-
-
-def _mean_interval(xs: list[float]) -> dict[str, Any]:
-    n = len(xs)
-    if n == 0:
-        return {"n": 0}
-    m = sum(xs) / n
-    if n < 2:
-        return {"n": n, "mean": m}
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    h = _t_quantile(n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": m, "sd": sd, "ci95": [m - h, m + h], "method": "Student t over runs"}
-
-
 def _avg_outcomes(lists: list[list[int]]) -> list[float]:
     return [sum(v) / len(v) for v in zip(*lists)]
 
@@ -290,7 +274,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                           "train_min": r["train_s"] / 60})
         a["gains"].append(r["gain"]["points"])
     for a in arms.values():
-        a["gain_points"] = _mean_interval(a.pop("gains"))
+        a["gain_points"] = mean_interval(a.pop("gains"))
     by_start: dict[str, Any] = {}
     for start in spec.starts:
         rs = [r for r in results if r["start"] == start]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from fastnft.atomic import atomic_write
 
 __all__ = ["MetricsWriter", "read_jsonl"]
 
@@ -58,12 +59,7 @@ class MetricsWriter:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_jsonl(self.path) if r.get("iteration", -1) <= iteration]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in keep), text=True)
 
     def log(self, iteration: int, scalars: dict[str, float], kind: str = "train") -> None:
         """Append one record ``{"iteration", "kind", **scalars}`` and mirror finite scalars to TensorBoard."""

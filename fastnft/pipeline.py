@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastnft.atomic import write_json_atomic
 from fastnft.config import ExperimentConfig, config_to_dict
-from fastnft.evaluate import diff_interval, format_table, plot_success_curves, write_json_atomic
+from fastnft.report import diff_interval, format_table, plot_success_curves
 
 __all__ = ["ABLATIONS", "run_pipeline", "variant_config"]
 
@@ -44,8 +45,8 @@ def variant_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
 
 
 def _train_one(cfg: ExperimentConfig, policy_path: Path, env, resume: bool, progress: bool) -> tuple[list, float]:
+    from fastnft.policies.io import load_policy
     from fastnft.trainer import StepNFTTrainer
-    from fastnft.workflow import load_policy
 
     policy, _ = load_policy(policy_path, cfg)
     t0 = time.time()
@@ -61,10 +62,11 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
     Returns:
         The report dict (also written to ``<run_dir>/report.json``).
     """
+    from fastnft.demos import demo_path
     from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
-    from fastnft.workflow import demo_path, run_sft_stage
+    from fastnft.sft import run_sft_stage
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir)

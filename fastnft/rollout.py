@@ -22,7 +22,7 @@ from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
 __all__ = ["RolloutBuffer", "RolloutStats", "control_labels", "dense_episode_score", "episode_labels",
-           "grpo_advantages", "run_episodes", "wilson_interval"]
+           "grpo_advantages", "run_episodes"]
 
 
 @dataclass
@@ -90,17 +90,6 @@ class RolloutStats:
     def success_rate(self) -> float:
         """successes / episodes (0 when no episode ran)."""
         return self.successes / max(self.episodes, 1)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a success rate (robust near 0 and 1)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def dense_episode_score(ret: Tensor, steps: Tensor, success: Tensor, max_steps: int) -> Tensor:
@@ -261,7 +250,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     timers = timers or PhaseTimers()
     was_training = policy.training
     policy.eval()
-    N, K, C = env.num_envs, schedule.num_steps, policy.C
+    N, K, C = env.num_envs, schedule.num_steps, policy.n_action_steps
     per_call = nft.steps_per_call if nft else 1
     fixed = nft.fixed_step() if nft else None
     rows: dict[str, list[Tensor]] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
@@ -331,7 +320,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     if not record:
         return None, stats
     if not rows["step"]:
-        raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.chunk")
+        raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.n_action_steps")
     buf = {k: torch.cat(v) for k, v in rows.items()}
     outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
     if algo == "grpo":

@@ -1,4 +1,7 @@
-"""Few-shot supervised flow-matching initialisation (SFT).
+"""Few-shot supervised flow-matching initialisation (SFT), and the SFT stage of the CLI commands.
+
+:func:`run_sft_stage` trains (or reuses) the SFT policy file of a config, ``<data_dir>/sft/...pt``
+(:func:`sft_checkpoint_path`), from the demonstrations of :mod:`fastnft.demos`.
 
 Loss (SPEC notation): ``x_t = t eps + (1 - t) a``, target velocity ``u = eps - a``,
 ``L = mean over valid tokens and D of (v_theta(x_t, t, obs) - u)^2``; ``t`` drawn as in pi0
@@ -9,64 +12,23 @@ Loss (SPEC notation): ``x_t = t eps + (1 - t) a``, target velocity ``u = eps - a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fastnft.config import PolicyConfig, SFTConfig
+from fastnft.config import ExperimentConfig, PolicyConfig, SFTConfig, config_to_dict
+from fastnft.demos import ChunkDataset, chunks_from_episodes, demo_path, load_demo_episodes
+from fastnft.devices import resolve_device
+from fastnft.policies.io import PolicyFileError, load_policy, save_policy
 from fastnft.policies.normalizer import Normalizer
 from fastnft.policies.state_flow import StateFlowPolicy
 
-__all__ = ["ChunkDataset", "build_policy", "chunks_from_episodes", "flow_matching_loss", "train_sft"]
-
-
-@dataclass
-class ChunkDataset:
-    """Supervised pairs (observation, action chunk).
-
-    Attributes:
-        obs: ``[M, obs_dim]`` float32 raw observations.
-        actions: ``[M, H, act_dim]`` float32 raw env actions starting at that observation.
-        is_pad: ``[M, H]`` bool, True where the chunk ran past the episode end (padded with the last action,
-            excluded from the loss).
-    """
-
-    obs: Tensor
-    actions: Tensor
-    is_pad: Tensor
-
-    def __len__(self) -> int:
-        return int(self.obs.shape[0])
-
-
-def chunks_from_episodes(episodes: Sequence[tuple[np.ndarray, np.ndarray]], horizon: int) -> ChunkDataset:
-    """One chunk per time step of every episode.
-
-    Args:
-        episodes: ``(obs [T+1 or T, obs_dim], actions [T, act_dim])`` per episode.
-        horizon: H.
-
-    Raises:
-        ValueError: an episode with no actions, or observations shorter than the actions.
-    """
-    obs_l, act_l, pad_l = [], [], []
-    for k, (obs, act) in enumerate(episodes):
-        obs, act = np.asarray(obs, np.float32), np.asarray(act, np.float32)
-        T = act.shape[0]
-        if T == 0 or obs.shape[0] < T:
-            raise ValueError(f"demo episode {k}: needs >= 1 action and one observation per action, "
-                             f"got obs {obs.shape} actions {act.shape}")
-        idx = np.arange(T)[:, None] + np.arange(horizon)[None, :]
-        pad = idx >= T
-        obs_l.append(obs[:T])
-        act_l.append(act[np.minimum(idx, T - 1)])
-        pad_l.append(pad)
-    return ChunkDataset(obs=torch.from_numpy(np.concatenate(obs_l)), actions=torch.from_numpy(np.concatenate(act_l)),
-                        is_pad=torch.from_numpy(np.concatenate(pad_l)))
+__all__ = ["build_policy", "flow_matching_loss", "run_sft_stage", "sft_checkpoint_path", "sft_key", "train_sft"]
 
 
 def flow_matching_loss(policy: StateFlowPolicy, obs: Tensor, actions: Tensor, is_pad: Tensor | None = None,
@@ -145,3 +107,58 @@ def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, devic
             run = 0.0
     policy.eval()
     return history
+
+
+def sft_key(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What determines the SFT result: task, control mode, demos, SFT and architecture settings.
+
+    Cached SFT files store this key (``meta["key"]``) and are reused only while it is equal, so its values must not
+    change with renames: ``policy.n_action_steps`` keeps its old name ``chunk`` here, which every SFT file written
+    before the rename holds (renaming it would silently retrain and overwrite them).
+    """
+    policy = {("chunk" if k == "n_action_steps" else k): v for k, v in config_to_dict(cfg.policy).items()}
+    return {"task": cfg.env.task, "control_mode": cfg.env.control_mode, "demos": config_to_dict(cfg.demos),
+            "sft": config_to_dict(cfg.sft), "policy": policy}
+
+
+def sft_checkpoint_path(cfg: ExperimentConfig) -> Path:
+    """``<data_dir>/sft/<task>_<num_demos>demos_<steps>steps_s<seed>.pt`` (shared by runs with the same SFT)."""
+    s = cfg.sft
+    return Path(cfg.data_dir) / "sft" / f"{cfg.env.task}_{s.num_demos}demos_{s.steps}steps_s{s.seed}.pt"
+
+
+def run_sft_stage(cfg: ExperimentConfig, *, force: bool = False, progress: bool = True) -> tuple[Path, dict]:
+    """Train (or reuse) the few-shot SFT policy of ``cfg`` and return its file and meta.
+
+    Reuses an existing file only when its ``meta["key"]`` equals :func:`sft_key` of ``cfg``.
+
+    Raises:
+        PolicyFileError / FileNotFoundError: no demonstrations (run `fastnft demos` first).
+    """
+    out = sft_checkpoint_path(cfg)
+    key = sft_key(cfg)
+    if out.exists() and not force:
+        try:
+            _, meta = load_policy(out, cfg)
+            if meta.get("key") == key:
+                return out, meta
+        except PolicyFileError:
+            pass
+    if cfg.env.task == "bandit":
+        from fastnft.envs.bandit import bandit_demo_dataset
+
+        data = bandit_demo_dataset(cfg.sft.num_demos, cfg.policy.horizon, seed=cfg.demos.seed)
+    else:
+        episodes = load_demo_episodes(cfg)
+        if len(episodes) < cfg.sft.num_demos:
+            raise PolicyFileError(f"sft.num_demos={cfg.sft.num_demos} but only {len(episodes)} demonstrations exist "
+                                  f"in {demo_path(cfg)}; raise demos.num_demos and rerun `fastnft demos`")
+        data = chunks_from_episodes(episodes[: cfg.sft.num_demos], cfg.policy.horizon)
+    policy = build_policy(data, cfg.policy, seed=cfg.sft.seed)
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    losses = train_sft(policy, data, cfg.sft, device=device, progress=progress)
+    meta = {"key": key, "task": cfg.env.task, "sft_seconds": time.time() - t0, "loss_history": losses,
+            "num_demos": cfg.sft.num_demos, "num_samples": len(data)}
+    save_policy(out, policy.cpu(), meta)
+    return out, meta

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastnft.errors import friendly_errors
+
 __all__ = ["add_train_args", "main", "run_train"]
 
 
@@ -40,10 +42,12 @@ def run_train(args: argparse.Namespace) -> dict:
     import yaml
 
     from fastnft.config import config_to_dict, load_config
+    from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.policies.io import load_policy
+    from fastnft.sft import sft_checkpoint_path
     from fastnft.trainer import StepNFTTrainer
-    from fastnft.workflow import load_policy, resolve_device, sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host
@@ -75,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     args = p.parse_args(argv)
-    from fastnft.cli import friendly_errors
-
     with friendly_errors():
         out = run_train(args)
     h = out["history"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -22,7 +21,7 @@ from fastnft.devices import make_generator, resolve_device
 from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
-from fastnft.evaluate import all_reduce, evaluate_policy
+from fastnft.evaluate import evaluate_policy
 from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
@@ -72,7 +71,7 @@ class StepNFTTrainer:
         self.device = self.engine.device
         self.ema.module.to(self.device)
         self.rank, self.world = self.engine.rank, self.engine.world_size
-        self.C = policy.C
+        self.n_action_steps = policy.n_action_steps  # executed steps per policy call, SPEC's C
         K = cfg.policy.num_steps
         noise = cfg.nft.noise_level if cfg.nft.rollout == "sde" else 0.0
         self.rollout_sch = flow_sde_schedule(K, noise).to(device=self.device, dtype=torch.float32)
@@ -115,11 +114,7 @@ class StepNFTTrainer:
 
     def _save(self, it: int) -> None:
         actor = self.engine.state_dict_for_checkpoint()  # collective
-        rng = [self.gen.get_state()]
-        if fdist.world_size() > 1:
-            gathered: list[Any] = [None] * fdist.world_size()
-            tdist.all_gather_object(gathered, self.gen.get_state())
-            rng = gathered
+        rng = fdist.all_gather_object(self.gen.get_state())
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
                                            "rng_device": self.device.type,
                                            "history": self.history, "config": config_to_dict(self.cfg)},
@@ -148,7 +143,7 @@ class StepNFTTrainer:
     # -- one iteration ----------------------------------------------------------------------------------------------
     def iteration(self, it: int) -> dict[str, float]:
         """Rollout, update epochs, EMA update. Returns the iteration's metrics."""
-        cfg = self.cfg
+        cfg, C = self.cfg, self.n_action_steps
         timers = PhaseTimers()
         t0 = time.perf_counter()
         buf, st = run_episodes(self.ema.module, self.env, self.rollout_sch, self.train_seeds(it), stochastic=True,
@@ -158,31 +153,31 @@ class StepNFTTrainer:
         t_roll = time.perf_counter() - t0
         assert buf is not None
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
-        m = all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
+        m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
-        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="fresh/",
+        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="fresh/",
                                  grpo=self.grpo)
         if cfg.train.diagnostics and self.engine.zero_stage < 3:
             with timers.range("actor/diagnostics"):
-                fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C,
+                fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, C,
                                              self.loss_fn, self.gen, grpo=self.grpo))
         lr = cfg.train.lr * (min(1.0, (it + 1) / cfg.train.lr_warmup) if cfg.train.lr_warmup else 1.0)
         self.engine.set_lr(lr)
         fresh["update/lr"] = lr
         with timers.range("actor/update"):
-            upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, self.C,
+            upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
                                loss_fn=self.loss_fn, generator=self.gen, grpo=self.grpo)
-        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, self.C, prefix="replayed/",
+        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="replayed/",
                                   grpo=self.grpo)
         T = cfg.train.ema_horizon or cfg.train.iterations
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)
         with timers.range("actor/ema"):
             self.ema.update(self.engine.module, decay)
-        counts = all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
-                                           int((buf.y > 0).sum())], dtype=torch.float64),
-                             tdist.ReduceOp.SUM if tdist.is_available() else None)
+        counts = fdist.all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
+                                                 int((buf.y > 0).sum())], dtype=torch.float64),
+                                   tdist.ReduceOp.SUM if tdist.is_available() else None)
         succ, eps, env_steps, rows, pos = counts.tolist()
         tm = timers.summary()
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
@@ -228,7 +223,7 @@ class StepNFTTrainer:
         self.profile.close()
         self.metrics.close()
         if self.engine.is_main:
-            from fastnft.workflow import save_policy
+            from fastnft.policies.io import save_policy
 
             save_policy(self.run_dir / "policy_final.pt", self.ema.module,  # type: ignore[arg-type]
                         {"task": self.cfg.env.task, "iteration": self.cfg.train.iterations, "kind": "stepnft_ema"})

@@ -62,7 +62,7 @@ def buffer_loss(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedule
         mb: rows of the rollout buffer.
         sch: the ROLLOUT schedule (its A, B, std generated ``x_next``), float32 on the buffer's device.
         nft: objective config.
-        C: executed chunk length.
+        C: executed steps per policy call (``policy.n_action_steps``).
         loss_fn: ``fastnft.nft.stepnft_loss`` or the fused kernel (same signature); ``fastnft.nft.grpo_loss``
             when ``grpo`` is given.
         grpo: the Flow-GRPO config for ``algo: grpo``; None = StepNFT.

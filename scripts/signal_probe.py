@@ -26,10 +26,11 @@ from fastnft.config import load_config
 from fastnft.envs import make_env
 from fastnft.kernels import get_sde_step
 from fastnft.nft import stepnft_loss
+from fastnft.policies.io import load_policy
 from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
+from fastnft.sft import sft_checkpoint_path
 from fastnft.update import buffer_loss
-from fastnft.workflow import load_policy, sft_checkpoint_path
 
 
 def per_episode_grads(policy, buf, sch, nft, C, ep_labels):
@@ -102,13 +103,13 @@ def main() -> None:
            "success_rate": float(succ.float().mean()), "mean_dense_score": float(score.mean()),
            "rows_all_k": len(buf), "rows_one_step": len(one_step), "rollout_s": roll_s, "schemes": {}}
     for name, lab in schemes.items():
-        out["schemes"][name] = {"all K steps": snr(per_episode_grads(policy, buf, sch, cfg.nft, policy.C, lab))}
+        out["schemes"][name] = {"all K steps": snr(per_episode_grads(policy, buf, sch, cfg.nft, policy.n_action_steps, lab))}
         print(name, out["schemes"][name], flush=True)
     for name in ("success, group baseline (default recipe)", "dense score, group baseline"):
         out["schemes"][name]["one random step per call"] = snr(
-            per_episode_grads(policy, one_step, sch, cfg.nft, policy.C, schemes[name]))
+            per_episode_grads(policy, one_step, sch, cfg.nft, policy.n_action_steps, schemes[name]))
         print(name, "one step", out["schemes"][name]["one random step per call"], flush=True)
-    from fastnft.evaluate import write_json_atomic
+    from fastnft.atomic import write_json_atomic
 
     write_json_atomic(args.out, out)
     print(f"wrote {args.out}")

@@ -195,7 +195,7 @@ def test_cpu_generator_for_cuda_draw_is_refused_by_the_policy():
 def _cfg_policy():
     from fastnft.config import PolicyConfig
 
-    return PolicyConfig(horizon=4, chunk=4, width=16, depth=1, heads=2, num_steps=4)
+    return PolicyConfig(horizon=4, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4)
 
 
 def test_collectives_use_the_backends_device(monkeypatch):
@@ -203,7 +203,7 @@ def test_collectives_use_the_backends_device(monkeypatch):
     import torch.distributed as tdist
 
     from fastnft.engine import dist as fdist
-    from fastnft.evaluate import all_reduce
+    from fastnft.engine.dist import all_reduce
 
     seen = []
     monkeypatch.setattr(fdist, "is_initialized", lambda: True)

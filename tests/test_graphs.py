@@ -11,7 +11,7 @@ from fastnft.sde import flow_sde_schedule
 
 def _policy():
     torch.manual_seed(0)
-    return StateFlowPolicy(5, 3, PolicyConfig(horizon=6, chunk=4, width=32, depth=1, heads=2, num_steps=4)).eval()
+    return StateFlowPolicy(5, 3, PolicyConfig(horizon=6, n_action_steps=4, width=32, depth=1, heads=2, num_steps=4)).eval()
 
 
 def test_mode_resolution():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastnft.config import ConfigError
-from fastnft.evaluate import paired_diff_interval
 from fastnft.grid import grid_runs, load_grid_spec, result_path, run_grid, summarize_grid
+from fastnft.report import paired_diff_interval
 
 
 def test_paired_interval_counts_only_changed_episodes():

@@ -223,7 +223,7 @@ def _bandit_buffer(algo="grpo", label_control="none", G=4, seed=0):
     from fastnft.rollout import run_episodes
 
     torch.manual_seed(0)
-    policy = StateFlowPolicy(4, 2, PolicyConfig(horizon=4, chunk=4, width=16, depth=1, heads=2, num_steps=4))
+    policy = StateFlowPolicy(4, 2, PolicyConfig(horizon=4, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4))
     env = BanditEnv(16, chunk=4, radius=0.5)  # ~60 % success: both mixed and unanimous groups
     sch = flow_sde_schedule(4, 0.5)
     seeds = [100 + j // G for j in range(32)]  # G adjacent rollouts per initial state, as StepNFTTrainer.train_seeds

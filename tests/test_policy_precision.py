@@ -10,8 +10,8 @@ from fastnft.policies.state_flow import StateFlowPolicy
 
 def _pair():
     torch.manual_seed(0)
-    p32 = StateFlowPolicy(5, 3, PolicyConfig(horizon=6, chunk=4, width=32, depth=2, heads=4))
-    p16 = StateFlowPolicy(5, 3, PolicyConfig(horizon=6, chunk=4, width=32, depth=2, heads=4))
+    p32 = StateFlowPolicy(5, 3, PolicyConfig(horizon=6, n_action_steps=4, width=32, depth=2, heads=4))
+    p16 = StateFlowPolicy(5, 3, PolicyConfig(horizon=6, n_action_steps=4, width=32, depth=2, heads=4))
     p16.load_state_dict(p32.state_dict())
     return p32, p16.set_precision("bfloat16")
 

@@ -6,7 +6,8 @@ import torch
 from fastnft.config import NFTConfig, PolicyConfig
 from fastnft.envs.base import VectorEnv
 from fastnft.policies.state_flow import StateFlowPolicy
-from fastnft.rollout import episode_labels, run_episodes, wilson_interval
+from fastnft.report import wilson_interval
+from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
 
 
@@ -35,7 +36,7 @@ class ScriptedEnv(VectorEnv):
 
 def _policy():
     torch.manual_seed(0)
-    return StateFlowPolicy(2, 2, PolicyConfig(horizon=6, chunk=4, width=16, depth=1, heads=2, num_steps=4))
+    return StateFlowPolicy(2, 2, PolicyConfig(horizon=6, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4))
 
 
 def test_calls_after_episode_end_are_not_stored_and_labels_follow_success():

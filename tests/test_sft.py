@@ -2,9 +2,11 @@
 
 import torch
 
-from fastnft.config import PolicyConfig, SFTConfig
+from fastnft.config import ExperimentConfig, PolicyConfig, SFTConfig
+from fastnft.demos import ChunkDataset, chunks_from_episodes, demo_path
+from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.sde import flow_sde_schedule
-from fastnft.sft import ChunkDataset, build_policy, chunks_from_episodes, train_sft
+from fastnft.sft import build_policy, sft_checkpoint_path, sft_key, train_sft
 
 
 def test_sft_fits_conditional_gaussian():
@@ -16,7 +18,7 @@ def test_sft_fits_conditional_gaussian():
     std = torch.tensor([0.3, 0.1])
     actions = mean[:, None, :] + std * torch.randn(M, H, 2, generator=g)
     data = ChunkDataset(obs=c, actions=actions, is_pad=torch.zeros(M, H, dtype=torch.bool))
-    cfg = PolicyConfig(horizon=H, chunk=H, width=64, depth=2, heads=4, mlp_ratio=2.0, num_steps=8)
+    cfg = PolicyConfig(horizon=H, n_action_steps=H, width=64, depth=2, heads=4, mlp_ratio=2.0, num_steps=8)
     policy = build_policy(data, cfg)
     # the flow-matching loss has a high floor (the conditional variance of eps - a), so it is no measure of fit;
     # the samples below are
@@ -44,3 +46,26 @@ def test_chunks_from_episodes_pads_with_last_action():
     assert ds.actions[:, :, 0].tolist() == [[1, 2], [2, 3], [3, 3]]
     assert ds.is_pad.tolist() == [[False, False], [False, False], [False, True]]
     assert ds.obs[:, 0].tolist() == [0, 1, 2]
+
+
+def test_sft_key_and_file_name_unchanged_by_the_chunk_rename():
+    """Cached SFT files are found by name and reused while meta["key"] equals sft_key: both keep the values they had
+    before policy.chunk was renamed n_action_steps (computed on the commit before the rename)."""
+    cfg = ExperimentConfig()
+    assert sft_key(cfg) == {
+        "task": "PickCube-v1", "control_mode": "pd_ee_delta_pos",
+        "demos": {"num_demos": 100, "seed": 500000, "path": "demos"},
+        "sft": {"num_demos": 65, "steps": 15000, "batch_size": 256, "lr": 0.0003, "weight_decay": 0.0001, "seed": 0},
+        "policy": {"horizon": 8, "chunk": 5, "action_pad": 0, "width": 128, "depth": 3, "heads": 4, "mlp_ratio": 4.0,
+                   "dropout": 0.0, "num_steps": 4}}
+    assert str(sft_checkpoint_path(cfg)) == "data/sft/PickCube-v1_65demos_15000steps_s0.pt"
+    assert str(demo_path(cfg)) == "data/demos"
+
+
+def test_policy_file_written_before_the_rename_loads():
+    cfg = PolicyConfig(horizon=4, n_action_steps=3, width=16, depth=1, heads=2)
+    blob = StateFlowPolicy(3, 2, cfg).export()
+    old = dict(blob["policy_cfg"])
+    old["chunk"] = old.pop("n_action_steps")
+    pol = StateFlowPolicy.from_export({**blob, "policy_cfg": old}, cfg)
+    assert pol.n_action_steps == 3

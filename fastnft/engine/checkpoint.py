@@ -3,7 +3,8 @@
 Write protocol (rank 0 only), so that a ``kill -9`` or power loss at any instant leaves a loadable latest:
 
 1. ``torch.save`` into a temp file in the same folder, flush + fsync it;
-2. ``os.replace`` it onto ``ckpt_<iteration>.pt`` (atomic on POSIX) and fsync the folder;
+2. ``os.replace`` it onto ``ckpt_<iteration>.pt`` (atomic on POSIX) and fsync the folder (1-2:
+   :func:`fastnft.atomic.torch_save_atomic`);
 3. write ``latest.json`` the same way (temp, fsync, replace, fsync folder) - the commit point;
 4. delete checkpoints older than the newest ``keep`` (never the one ``latest.json`` names) and stale temp files.
 
@@ -22,12 +23,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastnft.atomic import TMP_PREFIX, atomic_write, torch_save_atomic
 from fastnft.engine import dist as fdist
 
 __all__ = [
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _LATEST = "latest.json"
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -73,37 +73,6 @@ def config_fingerprint(cfg: Any) -> dict[str, Any]:
     for k in ("task", "control_mode", "obs_mode"):
         out[f"env.{k}"] = getattr(cfg.env, k)
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(fileobj)`` into a temp file next to ``path``, fsync, replace, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -149,9 +118,9 @@ def save_checkpoint(run_dir: str | os.PathLike, iteration: int, state: dict[str,
         path = d / f"ckpt_{iteration:08d}.pt"
         payload = {"format": FORMAT_VERSION, "iteration": int(iteration),
                    "config_fingerprint": dict(fingerprint or {}), **state}
-        _atomic_write(path, lambda f: torch.save(payload, f))
+        torch_save_atomic(path, payload)
         pointer = json.dumps({"iteration": int(iteration), "file": path.name}).encode()
-        _atomic_write(d / _LATEST, lambda f: f.write(pointer))
+        atomic_write(d / _LATEST, lambda f: f.write(pointer))
         _prune(d, keep, current=path.name)
     fdist.barrier()
     return path
@@ -163,7 +132,7 @@ def _prune(d: Path, keep: int, current: str) -> None:
         if p.name != current:
             p.unlink(missing_ok=True)
     for name in os.listdir(d):  # temp files of writes killed earlier (ours finished or were removed)
-        if name.startswith(_TMP_PREFIX):
+        if name.startswith(TMP_PREFIX):
             (d / name).unlink(missing_ok=True)
 
 

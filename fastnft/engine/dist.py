@@ -1,7 +1,8 @@
 """Small torch.distributed helpers that work with and without an initialised process group.
 
 Without a process group every helper acts as the single process of a world of size 1 (``rank() == 0``,
-``barrier()`` does nothing, ``all_reduce_mean(x)`` returns ``x``), so library code calls them unconditionally.
+``barrier()`` does nothing, ``all_reduce(x, op)`` returns ``x``, ``all_gather_object(o)`` returns ``[o]``), so
+library code calls them unconditionally.
 
 Launch modes handled by :func:`init_distributed`:
 
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_gather_object",
+    "all_reduce",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
@@ -168,6 +171,32 @@ def barrier() -> None:
     """Wait for all ranks (no-op without a process group or with one rank)."""
     if is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
+    """All-reduce of ``t`` over ranks (identity with one rank); returns the result on ``t``'s device and dtype.
+
+    The collective runs on a copy on :func:`collective_device` (CUDA for an NCCL group, CPU for gloo), so callers
+    may pass tensors of any device.
+
+    Args:
+        t: the tensor (not modified).
+        op: a ``torch.distributed.ReduceOp`` (e.g. ``ReduceOp.SUM``, ``ReduceOp.MIN``).
+    """
+    if is_initialized() and world_size() > 1:
+        work = t.to(collective_device())
+        dist.all_reduce(work, op=op)
+        return work.to(t.device)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), indexed by rank; ``[obj]`` without a process group or with one rank."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,32 @@
-"""Vectorised simulator adapters behind one batched torch API (:class:`fastnft.envs.base.VectorEnv`)."""
+"""Vectorised simulator adapters behind one batched torch API (:class:`fastnft.envs.base.VectorEnv`).
 
-from fastnft.envs.base import ChunkResult, StepResult, VectorEnv, make_env
+:func:`make_env` builds the adapter a config names; the adapters import their simulator only when built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastnft.envs.base import ChunkResult, StepResult, VectorEnv
+
+if TYPE_CHECKING:
+    from fastnft.config import EnvConfig
 
 __all__ = ["ChunkResult", "StepResult", "VectorEnv", "make_env"]
+
+
+def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
+    """Build the vector env named by ``cfg.task`` (``bandit`` or a ManiSkill3 env id).
+
+    Raises:
+        ValueError: unknown task name (the message lists the known ones).
+        RuntimeError: the simulator cannot start (e.g. no Vulkan device for SAPIEN; the message says how to fix it).
+    """
+    n = cfg.num_envs if num_envs is None else num_envs
+    if cfg.task == "bandit":
+        from fastnft.envs.bandit import BanditEnv
+
+        return BanditEnv(num_envs=n, chunk=cfg.max_episode_steps)
+    from fastnft.envs.maniskill import ManiSkillVectorEnv
+
+    return ManiSkillVectorEnv(cfg, num_envs=n)

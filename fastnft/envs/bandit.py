@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastnft.demos import ChunkDataset
 from fastnft.envs.base import VectorEnv
 
 __all__ = ["BanditEnv", "bandit_target"]
@@ -26,7 +27,7 @@ class BanditEnv(VectorEnv):
 
     Args:
         num_envs: N.
-        chunk: env steps per episode (set it to the policy's executed chunk C).
+        chunk: env steps per episode (set it to the policy's executed steps, ``policy.n_action_steps``).
         obs_dim: context width (default 4).
         act_dim: action width (default 2).
         radius: success radius around the target (default 0.3).
@@ -66,16 +67,14 @@ class BanditEnv(VectorEnv):
 
 
 def bandit_demo_dataset(num: int, chunk: int, seed: int = 0, offset_std: float = 0.6, obs_dim: int = 4,
-                        act_dim: int = 2):
+                        act_dim: int = 2) -> ChunkDataset:
     """Synthetic demonstrations for the bandit: chunk dim 0 = ``tanh(c_0) + offset`` with one offset
     ``~ N(0, offset_std^2)`` shared by the chunk (so an SFT policy lands in the radius ~40 % of the time), other
     dims ``N(0, 0.3^2)``.
 
     Returns:
-        :class:`fastnft.sft.ChunkDataset` with ``num`` chunks ``[num, chunk, act_dim]`` and no padding.
+        :class:`fastnft.demos.ChunkDataset` with ``num`` chunks ``[num, chunk, act_dim]`` and no padding.
     """
-    from fastnft.sft import ChunkDataset
-
     g = torch.Generator().manual_seed(seed)
     obs = torch.randn(num, obs_dim, generator=g)
     off = offset_std * torch.randn(num, 1, generator=g)

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from fastnft.config import EnvConfig
-
-__all__ = ["STATE_KEY", "TASK_KEY", "ChunkResult", "EnvObs", "StepResult", "VectorEnv", "image_key", "make_env"]
+__all__ = ["STATE_KEY", "TASK_KEY", "ChunkResult", "EnvObs", "StepResult", "VectorEnv", "image_key"]
 
 STATE_KEY = "observation.state"
 """lerobot's key of the proprio state in a dict observation (``fastnft.policies.processor`` reads the same)."""
@@ -216,20 +213,3 @@ class VectorEnv(ABC):
         assert self._obs is not None
         return ChunkResult(obs=_obs_clone(self._obs), reward=total, steps=steps, done=self.done.clone(),
                            success_once=self.success_once.clone())
-
-
-def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
-    """Build the vector env named by ``cfg.task`` (``bandit`` or a ManiSkill3 env id).
-
-    Raises:
-        ValueError: unknown task name (the message lists the known ones).
-        RuntimeError: the simulator cannot start (e.g. no Vulkan device for SAPIEN; the message says how to fix it).
-    """
-    n = cfg.num_envs if num_envs is None else num_envs
-    if cfg.task == "bandit":
-        from fastnft.envs.bandit import BanditEnv
-
-        return BanditEnv(num_envs=n, chunk=cfg.max_episode_steps)
-    from fastnft.envs.maniskill import ManiSkillVectorEnv
-
-    return ManiSkillVectorEnv(cfg, num_envs=n)

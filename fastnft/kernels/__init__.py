@@ -2,57 +2,27 @@
 
 - :func:`get_stepnft_loss` / :func:`get_sde_step` return a callable with exactly the reference's signature
   (:func:`fastnft.nft.stepnft_loss`, :func:`fastnft.sde.sde_step`), fused or reference.
-- ``fastnft.kernels.stepnft_loss`` and ``fastnft.kernels.sde_step`` are the fused functions themselves.
+- One op per module: :mod:`fastnft.kernels.stepnft_loss` (``stepnft_loss``, ``StepNFTLossFunction``) and
+  :mod:`fastnft.kernels.sde_step` (``sde_step``, ``fused_sde_step``, ``ode_step``); shared helpers in
+  :mod:`fastnft.kernels._common`.
 
-Triton is imported lazily: ``import fastnft.kernels`` (and the ``torch``/``auto``-on-CPU paths) never touches
-it, so CPU-only code pays nothing, and a test can set ``TRITON_INTERPRET=1`` before the kernels are defined.
-The kernel modules share their names with the functions they export; after the first access the package
-attribute is the function (``from fastnft.kernels.stepnft_loss import StepNFTLossFunction`` still reaches the
-module's other names).
+Only the kernel modules import triton, and this package imports them only inside the getters, when a fused kernel
+is asked for. So ``import fastnft.kernels`` (and the ``torch``/``auto``-on-CPU paths) never touches triton, CPU-only
+code pays nothing, and ``TRITON_INTERPRET=1`` takes effect if it is set before the first fused kernel is requested
+(or a kernel module is imported): the ``@triton.jit`` kernels read it when they are defined.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-__all__ = ["KernelMode", "get_sde_step", "get_stepnft_loss", "sde_step", "stepnft_loss", "triton_usable"]
+__all__ = ["KernelMode", "get_sde_step", "get_stepnft_loss", "triton_usable"]
 
 KernelMode = Literal["auto", "triton", "torch"]
-
-_EXPORTS = {"stepnft_loss": ("stepnft_loss", "stepnft_loss"), "sde_step": ("sde_step", "sde_step"),
-            "ode_step": ("sde_step", "ode_step"), "fused_sde_step": ("sde_step", "fused_sde_step")}
-
-
-def _load(name: str) -> Any:
-    module, attr = _EXPORTS[name]
-    fn = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    types.ModuleType.__setattr__(sys.modules[__name__], name, fn)
-    return fn
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return _load(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _KernelsPackage(types.ModuleType):
-    """Keeps the exported function (not the same-named submodule) as the package attribute."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return  # the import system binding the submodule; it stays reachable through sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def _interpreting() -> bool:
@@ -109,7 +79,8 @@ def get_stepnft_loss(mode: KernelMode, device: torch.device | str) -> Callable[.
 
     if not _resolve(mode, device):
         return reference
-    fused = _load("stepnft_loss")
+    from fastnft.kernels.stepnft_loss import stepnft_loss as fused
+
     if mode == "triton":
         return fused
 
@@ -137,4 +108,8 @@ def get_sde_step(mode: KernelMode, device: torch.device | str) -> Callable[..., 
     """
     from fastnft.sde import sde_step as reference
 
-    return _load("sde_step") if _resolve(mode, device) else reference
+    if not _resolve(mode, device):
+        return reference
+    from fastnft.kernels.sde_step import sde_step as fused
+
+    return fused

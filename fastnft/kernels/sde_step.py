@@ -19,20 +19,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fastnft.devices import check_generator
+from fastnft.kernels import _common
+from fastnft.kernels._common import INT32_LIMIT as _INT32_LIMIT  # a module global: tests lower it
+from fastnft.kernels._common import INTERPRETED, store
 
 __all__ = ["INTERPRETED", "bind_sde_step", "fused_sde_step", "ode_step", "philox_seed", "sde_step"]
-
-
-@triton.jit
-def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
-    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16
-    # (interpreter + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's
-    # rounding.
-    if RTNE_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (keep NaN)
-    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,7 +48,7 @@ def _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, e, live, z, n
         if HAS_Z:
             z = tl.load(z_ptr + e, mask=ok, other=0.0).to(CDTYPE)
         out += sd * z.to(CDTYPE)  # S2b
-    _store(out_ptr + e, out, ok, RTNE_BF16)
+    store(out_ptr + e, out, ok, RTNE_BF16)
 
 
 @triton.jit
@@ -92,13 +83,6 @@ def _sde_step_kernel(
               s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
     _sde_part(x_ptr, v_ptr, z_ptr, out_ptr, a_ptr, b_ptr, std_ptr, i + 3 * quarter, live, z3, numel, row_len,
               s_a, s_b, s_std, a_val, b_val, std_val, CDTYPE, NOISE, HAS_Z, SCALAR_COEF, RTNE_BF16)
-
-
-INTERPRETED: bool = type(_sde_step_kernel).__name__ == "InterpretedFunction"
-"""True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
-
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INT32_LIMIT = 2**31  # element offsets at or above it need 64-bit index arithmetic in the kernel
 
 
 def _coef(c: Tensor, N: int, name: str) -> Tensor:
@@ -138,21 +122,17 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
     if x_t.dim() < 1 or v.shape != x_t.shape:
         raise ValueError(f"x_t and v must share a shape [N, ...], got {tuple(x_t.shape)} and "
                          f"{tuple(v.shape)}")
-    if x_t.dtype not in _SUPPORTED or v.dtype != x_t.dtype or v.device != x_t.device:
+    if x_t.dtype not in _common.SUPPORTED_DTYPES or v.dtype != x_t.dtype or v.device != x_t.device:
         raise ValueError(f"x_t and v must be one float dtype on one device, got {x_t.dtype}/{x_t.device} and "
                          f"{v.dtype}/{v.device}")
     if z is not None and (z.shape != x_t.shape or z.device != x_t.device):
         raise ValueError(f"z must have x_t's shape {tuple(x_t.shape)} and device, got {tuple(z.shape)} "
                          f"{z.device}")
-    if x_t.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"the fused Triton kernels need CUDA tensors (got {x_t.device.type}); use engine.kernels: torch "
-            "or auto (the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to "
-            "run them on CPU")
+    _common.check_device(x_t)
     N = x_t.shape[0]
     numel = x_t.numel()
     dev = x_t.device
-    cdt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    cdt = _common.compute_dtype(x_t.dtype)
     scalar = not any(isinstance(c, Tensor) for c in (A, B, std))
     noise = isinstance(std, Tensor) or float(std) != 0.0
     if scalar:
@@ -194,8 +174,8 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
         x, vv, zz, out, a_t, b_t, s_t, seed_t,
         numel, numel // N, quarter, int(offset), *strides,
         a_val, b_val, std_val,
-        CDTYPE=tl.float64 if cdt == torch.float64 else tl.float32, BLOCK=block,
-        NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, RTNE_BF16=INTERPRETED and x_t.dtype == torch.bfloat16,
+        CDTYPE=_common.TL_DTYPE[cdt], BLOCK=block,
+        NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, RTNE_BF16=_common.rtne_bf16(x_t.dtype),
         INT64=int64, num_warps=4,
     )
     return out

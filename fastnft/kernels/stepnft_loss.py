@@ -31,6 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastnft.kernels import _common
+from fastnft.kernels._common import INT32_LIMIT as _INT32_LIMIT  # a module global: tests lower it
+from fastnft.kernels._common import INTERPRETED, store
 from fastnft.nft import DRIFT_EPS, VAR_EPS, BranchKind, LossKind, TargetKind, _check
 
 __all__ = ["INTERPRETED", "StepNFTLossFunction", "stepnft_loss", "stepnft_loss_forward"]
@@ -51,18 +54,6 @@ def _softplus(x):
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
-def _store(ptr, value, mask, RTNE_BF16: tl.constexpr):
-    # Narrowing casts round to nearest even on the GPU, but the interpreter truncates: with RTNE_BF16
-    # (interpreter + bf16 output) round the float32 bits explicitly first, so CPU tests see the GPU's
-    # rounding.
-    if RTNE_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))  # noqa: PLR0124 (keep NaN)
-    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -164,7 +155,7 @@ def _stepnft_fwd_kernel(
         coef_r = m * f_u * s
         coef_dv = m * (2.0 * f_w * s * s + (f_u * g + 2.0 * f_w * s * q) * ds_over_norm + 2.0 * kl_coef / D)
         grad = coef_r[:, None] * r + coef_dv[:, None] * dv
-        _store(grad_ptr + rows[:, None] * D + col, grad, ok, RTNE_BF16)
+        store(grad_ptr + rows[:, None] * D + col, grad, ok, RTNE_BF16)
 
 
 @triton.jit
@@ -193,14 +184,7 @@ def _scale_kernel(g_ptr, out_ptr, go_ptr, inv_ptr, numel, CDTYPE: tl.constexpr, 
     ok = offs < numel
     scale = tl.load(go_ptr).to(CDTYPE) * tl.load(inv_ptr).to(CDTYPE)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(CDTYPE)
-    _store(out_ptr + offs, g * scale, ok, RTNE_BF16)
-
-
-INTERPRETED: bool = type(_stepnft_fwd_kernel).__name__ == "InterpretedFunction"
-"""True when the kernels were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-_INT32_LIMIT = 2**31  # element offsets at or above it need 64-bit index arithmetic in the kernel
+    store(out_ptr + offs, g * scale, ok, RTNE_BF16)
 
 
 def offset_bound(*tensors: Tensor) -> int:
@@ -210,11 +194,6 @@ def offset_bound(*tensors: Tensor) -> int:
     the bound that int32 offsets must respect.
     """
     return max((sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0) for t in tensors)
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _launch_config(T: int, D: int, device: torch.device, block_tokens: int | None) -> tuple[int, int, int]:
@@ -226,14 +205,6 @@ def _launch_config(T: int, D: int, device: torch.device, block_tokens: int | Non
     block_t = triton.next_power_of_2(max(1, min(block_tokens, T)))
     num_warps = 4 if block_t * block_d <= 4096 else 8
     return block_t, block_d, num_warps
-
-
-def _check_device(x: Tensor) -> None:
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"the fused Triton kernels need CUDA tensors (got {x.device.type}); use engine.kernels: torch or "
-            "auto (the PyTorch reference), or set TRITON_INTERPRET=1 before importing fastnft.kernels to run "
-            "them on CPU")
 
 
 def _row_view(x: Tensor) -> Tensor:
@@ -284,7 +255,7 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
                              f"{tuple(t.shape)}")
     elif target != "next":
         raise ValueError(f"target must be 'next' or 'x0', got {target!r}")
-    if v_theta.dtype not in _SUPPORTED:
+    if v_theta.dtype not in _common.SUPPORTED_DTYPES:
         raise ValueError(f"v_theta must be float32, bfloat16, float16 or float64, got {v_theta.dtype}")
     xn = x0 if target == "x0" else x_next
     big = (v_theta, v_old, x_t, xn)
@@ -292,11 +263,11 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         if tns.dtype != v_theta.dtype or tns.device != v_theta.device:
             raise ValueError(f"{name} must match v_theta's dtype/device {v_theta.dtype}/{v_theta.device}, "
                              f"got {tns.dtype}/{tns.device}")
-    _check_device(v_theta)
+    _common.check_device(v_theta)
     N, C, D = v_theta.shape
     T = N * C
     dev = v_theta.device
-    cdt = _compute_dtype(v_theta.dtype)
+    cdt = _common.compute_dtype(v_theta.dtype)
     vt, vo, xt, xn = (_row_view(u) for u in big)
     # int32 offsets hold only while every strided input's largest offset (N * stride_n, not N * C * D) and the
     # gradient's T * D stay below 2^31; beyond that the kernel switches to int64 offsets.
@@ -314,10 +285,10 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         vt.stride(0), vt.stride(1), vo.stride(0), vo.stride(1), xt.stride(0), xt.stride(1), xn.stride(0),
         xn.stride(1),
         float(beta), float(gamma), float(max_drift) if max_drift is not None else 0.0, float(kl_coef),
-        CDTYPE=_TL_DTYPE[cdt], BLOCK_T=block_t, BLOCK_D=block_d,
+        CDTYPE=_common.TL_DTYPE[cdt], BLOCK_T=block_t, BLOCK_D=block_d,
         CLIP=max_drift is not None, WMSE=loss == "wmse", POS=branches in ("both", "positive"),
         NEG=branches in ("both", "negative"), X0=target == "x0", HAS_MASK=mask is not None,
-        STORE_GRAD=store_grad, RTNE_BF16=INTERPRETED and v_theta.dtype == torch.bfloat16, INT64=int64,
+        STORE_GRAD=store_grad, RTNE_BF16=_common.rtne_bf16(v_theta.dtype), INT64=int64,
         num_warps=num_warps,
     )
     loss_out = torch.empty((), dtype=cdt, device=dev)
@@ -330,9 +301,9 @@ def _scale(grad: Tensor, grad_out: Tensor, inv: Tensor) -> Tensor:
     out = torch.empty_like(grad)
     numel = grad.numel()
     block = (1 << 18) if grad.device.type != "cuda" else 4096
-    _scale_kernel[(triton.cdiv(numel, block),)](grad, out, grad_out, inv, numel,
-                                                CDTYPE=_TL_DTYPE[_compute_dtype(grad.dtype)], BLOCK=block,
-                                                RTNE_BF16=INTERPRETED and grad.dtype == torch.bfloat16,
+    cdtype = _common.TL_DTYPE[_common.compute_dtype(grad.dtype)]
+    _scale_kernel[(triton.cdiv(numel, block),)](grad, out, grad_out, inv, numel, CDTYPE=cdtype, BLOCK=block,
+                                                RTNE_BF16=_common.rtne_bf16(grad.dtype),
                                                 INT64=numel >= _INT32_LIMIT, num_warps=4)
     return out
 

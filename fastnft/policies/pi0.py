@@ -378,11 +378,6 @@ class Pi0Policy(nn.Module):
         self.compute_dtype = dt
         return self
 
-    @property
-    def C(self) -> int:
-        """Executed steps per call (alias of ``n_action_steps`` for the pre-protocol rollout code)."""
-        return self.n_action_steps
-
     # -- network ------------------------------------------------------------------------------------------------
     def process(self, obs: dict[str, Any]) -> dict[str, Tensor]:
         """Raw observation dict -> model inputs (identity when there is no processor or it is processed)."""

@@ -37,9 +37,7 @@ error that lists the missing keys, the unexpected keys and each shape mismatch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastnft.atomic import atomic_write
 from fastnft.config import ConfigError
 from fastnft.policies.pi0_config import Pi0Config
 
@@ -83,18 +82,6 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     processor: dict[str, Any] | None
     layout: str
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _lerobot_config(cfg: Pi0Config, norm_mode: str | None) -> dict[str, Any]:
@@ -135,20 +122,20 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
     d.mkdir(parents=True, exist_ok=True)
     pre = LEROBOT_PREFIX if layout == "lerobot" else ""
     tensors = {pre + k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in TIED}
-    _atomic_write(d / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(d / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_name=True)
     conf = json.dumps(_lerobot_config(cfg, processor["norm_mode"] if processor else None), indent=2, sort_keys=True)
-    _atomic_write(d / CONFIG, lambda tmp: Path(tmp).write_text(conf))
+    atomic_write(d / CONFIG, lambda f: f.write(conf), text=True)
     full = json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
-    _atomic_write(d / FULL_CONFIG, lambda tmp: Path(tmp).write_text(full))
+    atomic_write(d / FULL_CONFIG, lambda f: f.write(full), text=True)
     if processor is not None:
         tok = processor.get("tokenizer_file")
         if tok and Path(tok).resolve() != (d / TOKENIZER).resolve():
-            _atomic_write(d / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp))
+            atomic_write(d / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp), by_name=True)
         stats = {k: v.cpu().contiguous() for k, v in processor["tensors"].items()}
-        _atomic_write(d / STATS, lambda tmp: save_file(stats, tmp))
+        atomic_write(d / STATS, lambda tmp: save_file(stats, tmp), by_name=True)
         pc = json.dumps({"norm_mode": processor["norm_mode"], "tokenizer_file": TOKENIZER if tok else None,
                          "tokenizer": processor.get("tokenizer", "sentencepiece" if tok else None)})
-        _atomic_write(d / PROC_CONFIG, lambda tmp: Path(tmp).write_text(pc))
+        atomic_write(d / PROC_CONFIG, lambda f: f.write(pc), text=True)
     return d
 
 

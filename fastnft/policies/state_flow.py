@@ -71,7 +71,7 @@ class StateFlowPolicy(nn.Module):
     Args:
         obs_dim: state observation width.
         act_dim: env action width (<= D).
-        cfg: :class:`PolicyConfig` (horizon H, chunk C, width, depth, heads, K).
+        cfg: :class:`PolicyConfig` (horizon H, executed steps ``n_action_steps`` C, width, depth, heads, K).
         obs_norm: observation normaliser (``[obs_dim]``); identity when None.
         act_norm: action normaliser (``[act_dim]``); identity when None.
 
@@ -92,7 +92,7 @@ class StateFlowPolicy(nn.Module):
         self.cfg = cfg
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.D = cfg.action_pad or act_dim
-        self.H, self.C = cfg.horizon, cfg.chunk
+        self.H, self.n_action_steps = cfg.horizon, cfg.n_action_steps
         w = cfg.width
         self.obs_norm = obs_norm or Normalizer.identity(obs_dim)
         self.act_norm = act_norm or Normalizer.identity(act_dim)
@@ -205,9 +205,12 @@ class StateFlowPolicy(nn.Module):
         """
         if not isinstance(blob, dict) or blob.get("kind") != "state_flow":
             raise ValueError("checkpoint does not hold a state-based flow policy (missing kind='state_flow')")
-        saved = PolicyConfig(**blob["policy_cfg"])
+        saved_cfg = dict(blob["policy_cfg"])
+        if "chunk" in saved_cfg:  # written before policy.chunk was renamed n_action_steps (cached SFT files)
+            saved_cfg["n_action_steps"] = saved_cfg.pop("chunk")
+        saved = PolicyConfig(**saved_cfg)
         if cfg is not None:
-            arch = ("horizon", "chunk", "action_pad", "width", "depth", "heads", "mlp_ratio")
+            arch = ("horizon", "n_action_steps", "action_pad", "width", "depth", "heads", "mlp_ratio")
             diff = [f"policy.{k}: checkpoint {getattr(saved, k)} vs config {getattr(cfg, k)}" for k in arch
                     if getattr(saved, k) != getattr(cfg, k)]
             if diff:
