@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fastnft.errors import friendly_errors
 
@@ -72,7 +73,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     n = args.episodes or cfg.train.eval_episodes
     env = make_env(cfg.env)  # first: an unknown task or a missing simulator is the first thing to report
     try:
-        if args.run:
+        if cfg.policy.kind == "pi0":  # a pi0 run's result is its lerobot-layout directory
+            from fastnft.policies.pi0 import Pi0Policy
+
+            path = args.policy or Path(args.run or cfg.run_dir) / "policy_final"
+            policy = Pi0Policy.load(path, num_steps=cfg.policy.num_steps, n_action_steps=cfg.policy.n_action_steps)
+        elif args.run:
             policy, it = load_run_policy(args.run, cfg, sft_checkpoint_path(cfg))
             print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)
         else:

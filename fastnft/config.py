@@ -134,8 +134,21 @@ class EnvConfig:
 
 @dataclass(kw_only=True)
 class PolicyConfig:
-    """State-based flow policy: a small transformer action expert over ``[state token, H action tokens]``."""
+    """The flow policy: the state-based action expert (``kind: state_flow``, the embedded default) or pi0 / pi0.5
+    (``kind: pi0``). ``num_steps`` and ``n_action_steps`` apply to both kinds; the architecture keys below them
+    (horizon .. dropout) are the state expert's, pi0's come from its checkpoint or the ``pi0`` block."""
 
+    kind: Literal["state_flow", "pi0"] = "state_flow"
+    """``state_flow``: the small state-based expert, started from its SFT file. ``pi0``: pi0 / pi0.5 (frozen
+    PaliGemma prefix + trained Gemma action expert) on camera frames, state and instruction (``env.obs_mode: rgb``)."""
+    checkpoint: str | None = None
+    """pi0 only: a local checkpoint directory in the openpi PyTorch / lerobot layout (``model.safetensors``,
+    ``config.json``, ``tokenizer.model``); null = a randomly initialised model of the ``pi0`` block's architecture
+    (CPU smoke runs and tests)."""
+    pi0: dict | None = None
+    """pi0 only: fields of :class:`fastnft.policies.pi0_config.Pi0Config`. With a checkpoint only its runtime fields
+    (attention, prefix_mode, vlm_dtype, cameras, state_dim, action_dim); without one, the whole architecture.
+    Checked when the policy is built (``fastnft train --dry-run``); errors name ``policy.pi0.<key>``."""
     horizon: int = 8
     """Action horizon H: tokens predicted per policy call (lerobot's ``chunk_size``)."""
     n_action_steps: int = 5
@@ -157,8 +170,11 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         _require(self.horizon >= 1, "policy.horizon", "must be >= 1")
-        _require(1 <= self.n_action_steps <= self.horizon, "policy.n_action_steps",
-                 f"must be in [1, horizon={self.horizon}]")
+        _require(self.n_action_steps >= 1, "policy.n_action_steps", "must be >= 1")
+        _require(self.kind == "pi0" or self.n_action_steps <= self.horizon, "policy.n_action_steps",
+                 f"must be <= horizon={self.horizon}")
+        _require(self.kind == "pi0" or (self.checkpoint is None and self.pi0 is None), "policy.kind",
+                 "policy.checkpoint and policy.pi0 belong to pi0; set policy.kind: pi0 or remove them")
         _require(self.action_pad >= 0, "policy.action_pad", "must be >= 0 (0 = no padding)")
         _require(self.width >= 8 and self.heads >= 1 and self.width % self.heads == 0, "policy.heads",
                  f"width={self.width} must be divisible by heads={self.heads}")
@@ -415,6 +431,10 @@ class ExperimentConfig:
                  f"must be <= policy.num_steps={self.policy.num_steps}")
         _require(self.nft.baseline != "group" or self.train.group_size > 1, "nft.baseline",
                  "'group' needs train.group_size > 1 (several rollouts per initial state)")
+        rgb = self.env.obs_mode == "rgb"
+        _require(rgb == (self.policy.kind == "pi0"), "env.obs_mode",
+                 f"policy.kind {self.policy.kind!r} reads {'camera frames' if self.policy.kind == 'pi0' else 'states'}"
+                 f" but env.obs_mode is {self.env.obs_mode!r}; use obs_mode rgb with kind pi0, state with state_flow")
         if self.algo == "grpo":
             _require(self.train.group_size > 1, "train.group_size",
                      f"algo 'grpo' needs train.group_size > 1 (advantages are relative to the rollouts of one "
@@ -450,6 +470,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
                 if ok:
                     return True, v
         return False, value
+    if tp is dict or origin is dict:  # free-form blocks validated by their owner (policy.pi0 -> Pi0Config)
+        return isinstance(value, dict), value
     if origin is list:
         (arg,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

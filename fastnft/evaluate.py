@@ -13,7 +13,7 @@ import torch.distributed as tdist
 from fastnft.devices import make_generator
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
-from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.policies.base import FlowPolicy
 from fastnft.report import wilson_interval
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
@@ -21,7 +21,7 @@ from fastnft.sde import flow_sde_schedule
 __all__ = ["evaluate_policy"]
 
 
-def evaluate_policy(policy: StateFlowPolicy, env: VectorEnv, seeds: list[int], num_steps: int, *,
+def evaluate_policy(policy: FlowPolicy, env: VectorEnv, seeds: list[int], num_steps: int, *,
                     device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
     """Success rate of ``policy`` with deterministic Euler ODE sampling (S2c) on ``seeds`` (this rank's share),
     summed over ranks.

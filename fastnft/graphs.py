@@ -1,6 +1,6 @@
 """CUDA-graph rollouts: the K-step Flow-SDE sampler (policy velocity + fused SDE step) captured once per shape.
 
-:class:`GraphedSampler` has :meth:`StateFlowPolicy.sample`'s signature. With graphs on (``rollout.cuda_graphs``:
+:class:`GraphedSampler` has :meth:`FlowPolicy.sample`'s signature. With graphs on (``rollout.cuda_graphs``:
 ``auto`` = on for CUDA, ``on``, ``off``) the first call for a shape captures the whole sampling call in a
 ``torch.cuda.CUDAGraph``; later calls copy the inputs into static buffers and replay it:
 
@@ -17,6 +17,8 @@
 - no host sync inside the captured region (the GPU tests check it with ``torch.cuda.set_sync_debug_mode``).
 
 On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state.
+Observations that are not one tensor (pi0's dicts of frames, state and instruction, or its prefix context) always
+run eagerly: the processor tokenises the instruction on the host, which a graph cannot capture.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.policies.base import FlowPolicy
 from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn
 
 __all__ = ["GraphMode", "GraphedSampler", "graphs_enabled"]
@@ -74,7 +76,7 @@ class GraphedSampler:
             replay would then repeat the same noise).
     """
 
-    def __init__(self, policy: StateFlowPolicy, mode: GraphMode = "auto", warmup: int = 2) -> None:
+    def __init__(self, policy: FlowPolicy, mode: GraphMode = "auto", warmup: int = 2) -> None:
         self.policy = policy
         self.device = next(policy.parameters()).device
         self.enabled = graphs_enabled(mode, self.device)
@@ -88,18 +90,18 @@ class GraphedSampler:
         self._cache: dict[tuple, _Capture] = {}
 
     @torch.no_grad()
-    def sample(self, obs: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
+    def sample(self, obs: Tensor | dict, schedule: FlowSDESchedule, *, stochastic: bool,
                generator: torch.Generator | None = None, step_index: Tensor | None = None,
                step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
-        """:meth:`StateFlowPolicy.sample`, replayed from a CUDA graph when enabled (same arguments, SPEC S2-S3).
+        """:meth:`FlowPolicy.sample`, replayed from a CUDA graph when enabled (same arguments, SPEC S2-S3).
 
         With graphs the returned record is the graph's static output: valid until the next call.
 
         Raises:
-            ValueError: as :meth:`StateFlowPolicy.sample`; a graphed call also needs a CUDA ``generator``.
+            ValueError: as :meth:`FlowPolicy.sample`; a graphed call also needs a CUDA ``generator``.
         """
         kw = {"stochastic": stochastic, "generator": generator, "step_fn": step_fn, "keep_trajectory": keep_trajectory}
-        if not self.enabled:
+        if not self.enabled or not isinstance(obs, Tensor):
             return self.policy.sample(obs, schedule, step_index=step_index, **kw)
         if generator is None or generator.device.type != "cuda":
             raise ValueError("a graphed sampling call needs a CUDA generator (fastnft.devices.make_generator) to "

@@ -17,7 +17,8 @@ from torch import Tensor
 from fastnft.config import NFTConfig
 from fastnft.devices import check_generator
 from fastnft.envs.base import VectorEnv
-from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.policies.base import FlowPolicy
+from fastnft.policies.obs import Obs, obs_cat, obs_index, obs_to
 from fastnft.profiling import PhaseTimers
 from fastnft.sde import FlowSDESchedule, StepFn
 
@@ -30,7 +31,9 @@ class RolloutBuffer:
     """Training tuples of one iteration (SPEC S3-S4), M rows, on one device.
 
     Attributes:
-        obs: ``[M, obs_dim]`` float32 raw observation of the policy call (the context).
+        obs: the policy call's observation, M rows: ``[M, obs_dim]`` float32 (state policy), a dict of ``[M, ...]``
+            tensors and per-row lists (pi0: frames, state, instruction), or pi0's per-call ``PrefixContext``
+            (``prefix_mode: cached``); see :mod:`fastnft.policies.obs`.
         x_t: ``[M, H, D]`` sampler state at the supervised step.
         v_old: ``[M, H, D]`` rollout-policy velocity at that step (stored, never recomputed).
         x_next: ``[M, H, D]`` next sampler state.
@@ -41,7 +44,7 @@ class RolloutBuffer:
         episode: ``[M]`` int64 episode id within the iteration (for diagnostics).
     """
 
-    obs: Tensor
+    obs: Obs
     x_t: Tensor
     v_old: Tensor
     x_next: Tensor
@@ -55,11 +58,13 @@ class RolloutBuffer:
 
     def index(self, idx: Tensor) -> RolloutBuffer:
         """Rows ``idx`` (a micro-batch)."""
-        return RolloutBuffer(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return RolloutBuffer(**{f.name: obs_index(self.obs, idx) if f.name == "obs" else getattr(self, f.name)[idx]
+                                for f in fields(self)})
 
     def to(self, device: torch.device | str) -> RolloutBuffer:
         """Copy to ``device``."""
-        return RolloutBuffer(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return RolloutBuffer(**{f.name: obs_to(self.obs, device) if f.name == "obs" else getattr(self, f.name).to(device)
+                                for f in fields(self)})
 
 
 @dataclass
@@ -210,7 +215,7 @@ def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.G
 
 
 @torch.no_grad()
-def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
+def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
                  device: torch.device | str = "cpu", group_size: int = 1,
@@ -219,7 +224,9 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
 
     Args:
-        policy: the rollout policy (EMA weights); used in eval mode.
+        policy: the rollout policy (EMA weights, any :class:`~fastnft.policies.base.FlowPolicy`); eval mode. With
+            ``policy.stores_context`` (pi0's ``prefix_mode: cached``) the buffer keeps each call's encoded context
+            instead of its observation.
         env: the vector env (reused across calls; reset here).
         schedule: K-step Flow-SDE schedule; with ``stochastic=False`` the Euler ODE is used (evaluation).
         seeds: one seed per episode; ``len(seeds)`` need not be a multiple of ``num_envs`` (the last round
@@ -253,7 +260,8 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
     N, K, C = env.num_envs, schedule.num_steps, policy.n_action_steps
     per_call = nft.steps_per_call if nft else 1
     fixed = nft.fixed_step() if nft else None
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
+    store_ctx = bool(getattr(policy, "stores_context", False))
+    rows: dict[str, list] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
     ep_success, ep_steps, ep_score = [], [], []
     stats = RolloutStats()
     n_rounds = math.ceil(len(seeds) / N)
@@ -276,7 +284,9 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
             if not bool(active.any()):
                 break
             with timers.range("rollout/sample"):
-                obs_d = obs.to(device)
+                obs_d = obs_to(obs, device)
+                if store_ctx:  # encode once; the K steps and the buffer share this call's context
+                    obs_d = policy.encode(obs_d)
                 step_idx = _choose_steps(N, K, per_call, fixed, generator, device) if record else None
                 rec = (sampler or policy).sample(obs_d, sch, stochastic=stochastic, generator=generator,
                                     step_index=None if step_idx is None else step_idx[:, 0],
@@ -291,7 +301,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
                         x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
                     else:
                         x_t, v_old, x_next = rec.x_t, rec.v_old, rec.x_next
-                    rows["obs"].append(obs_d[kd])
+                    rows["obs"].append(obs_index(obs_d, kd))
                     rows["x_t"].append(x_t[kd])
                     rows["v_old"].append(v_old[kd])
                     rows["x_next"].append(x_next[kd])
@@ -321,7 +331,7 @@ def run_episodes(policy: StateFlowPolicy, env: VectorEnv, schedule: FlowSDESched
         return None, stats
     if not rows["step"]:
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.n_action_steps")
-    buf = {k: torch.cat(v) for k, v in rows.items()}
+    buf = {k: obs_cat(v) if k == "obs" else torch.cat(v) for k, v in rows.items()}
     outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
     if algo == "grpo":
         labels = grpo_advantages(outcome, group_size, adv_eps)  # Flow-GRPO: y is an advantage

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fastnft.config import ExperimentConfig, PolicyConfig, SFTConfig, config_to_dict
+from fastnft.config import ConfigError, ExperimentConfig, PolicyConfig, SFTConfig, config_to_dict
 from fastnft.demos import ChunkDataset, chunks_from_episodes, demo_path, load_demo_episodes
 from fastnft.devices import resolve_device
 from fastnft.policies.io import PolicyFileError, load_policy, save_policy
@@ -134,7 +134,12 @@ def run_sft_stage(cfg: ExperimentConfig, *, force: bool = False, progress: bool 
 
     Raises:
         PolicyFileError / FileNotFoundError: no demonstrations (run `fastnft demos` first).
+        ConfigError: ``policy.kind`` is not ``state_flow`` (SFT, and so ``pipeline`` and ``grid``, train the state
+            policy; pi0 starts from its checkpoint).
     """
+    if cfg.policy.kind != "state_flow":
+        raise ConfigError(f"SFT trains the state policy, but policy.kind is {cfg.policy.kind!r}: pi0 starts from its "
+                          "checkpoint (policy.checkpoint); run `fastnft train --config <yaml>` instead")
     out = sft_checkpoint_path(cfg)
     key = sft_key(cfg)
     if out.exists() and not force:

@@ -45,24 +45,29 @@ def run_train(args: argparse.Namespace) -> dict:
     from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
-    from fastnft.policies.io import load_policy
+    from fastnft.policies.factory import build_flow_policy
     from fastnft.sft import sft_checkpoint_path
     from fastnft.trainer import StepNFTTrainer
 
     cfg = load_config(args.config, args.overrides)
     fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host
-    init = Path(args.init) if args.init else sft_checkpoint_path(cfg)
-    policy, _ = load_policy(init, cfg)
+    policy = None
+    if cfg.policy.kind == "state_flow":  # a missing SFT file fails before the simulator starts
+        policy = build_flow_policy(cfg, init=Path(args.init) if args.init else sft_checkpoint_path(cfg))
     env = make_env(cfg.env)
     try:
+        if policy is None:  # pi0 is checked against the env's state width and action dim
+            policy = build_flow_policy(cfg, init=None, state_dim=env.obs_dim, act_dim=env.act_dim, seed=cfg.train.seed)
         if fdist.is_main():
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         trainer = StepNFTTrainer(cfg, policy, env, resume=args.resume, progress=not args.no_progress,
                                  profile_steps=args.profile_steps)
         if args.dry_run:
-            print(json.dumps({"dry_run": "ok", "run_dir": cfg.run_dir, "obs_dim": policy.obs_dim,
-                              "act_dim": policy.act_dim, "parameters": sum(p.numel() for p in policy.parameters()),
+            print(json.dumps({"dry_run": "ok", "run_dir": cfg.run_dir, "policy": cfg.policy.kind,
+                              "obs_dim": env.obs_dim, "act_dim": policy.act_dim,
+                              "parameters": sum(p.numel() for p in policy.parameters()),
+                              "trainable_parameters": sum(p.numel() for p in policy.trainable_parameters()),
                               "world_size": trainer.world, "device": str(trainer.device),
                               "loss_fn": getattr(trainer.loss_fn, "__module__", "?"),
                               "start_iteration": trainer.start_iter}))

@@ -26,7 +26,7 @@ from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
 from fastnft.metrics import MetricsWriter
 from fastnft.nft import grpo_loss
-from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.policies.base import FlowPolicy
 from fastnft.profiling import PhaseTimers, ProfileWindow
 from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
@@ -57,7 +57,7 @@ class StepNFTTrainer:
         ValueError: training seeds would overlap the held-out evaluation seeds.
     """
 
-    def __init__(self, cfg: ExperimentConfig, policy: StateFlowPolicy, env: VectorEnv, *, resume: bool = False,
+    def __init__(self, cfg: ExperimentConfig, policy: FlowPolicy, env: VectorEnv, *, resume: bool = False,
                  progress: bool = True, profile_steps: str | None = None) -> None:
         from fastnft.engine import ActorEngine
 
@@ -223,14 +223,14 @@ class StepNFTTrainer:
         self.profile.close()
         self.metrics.close()
         if self.engine.is_main:
-            from fastnft.policies.io import save_policy
+            from fastnft.policies.io import save_final_policy
 
-            save_policy(self.run_dir / "policy_final.pt", self.ema.module,  # type: ignore[arg-type]
-                        {"task": self.cfg.env.task, "iteration": self.cfg.train.iterations, "kind": "stepnft_ema"})
+            save_final_policy(self.ema.module, self.run_dir,  # type: ignore[arg-type]
+                              {"task": self.cfg.env.task, "iteration": self.cfg.train.iterations, "kind": "stepnft_ema"})
         return self.history
 
     @property
-    def policy(self) -> StateFlowPolicy:
+    def policy(self) -> FlowPolicy:
         """The EMA rollout policy (what evaluation and deployment use)."""
         return self.ema.module  # type: ignore[return-value]
 

@@ -58,7 +58,8 @@ def buffer_loss(module: torch.nn.Module, mb: RolloutBuffer, sch: FlowSDESchedule
     """StepNFT (or, with ``grpo``, Flow-GRPO) loss of a micro-batch under ``module`` (differentiable).
 
     Args:
-        module: actor; ``module(x_t [M, H, D], t [M], obs [M, obs_dim]) -> v [M, H, D]``.
+        module: actor (a FlowPolicy under the engine); ``module(x_t [M, H, D], t [M], obs) -> v [M, H, D]``,
+            ``obs`` the buffer rows' observations (tensor, dict or pi0 prefix context).
         mb: rows of the rollout buffer.
         sch: the ROLLOUT schedule (its A, B, std generated ``x_next``), float32 on the buffer's device.
         nft: objective config.

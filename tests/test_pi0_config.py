@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fastnft.config import ConfigError
 from fastnft.policies.pi0 import Pi0Policy
 from fastnft.policies.pi0_config import ExpertConfig, Pi0Config
 
-DRAFT = Path(__file__).resolve().parents[1] / "docs" / "pickcube_pi0_tiny.yaml"
+TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "pickcube_pi0_tiny.yaml"
 
 
 def test_presets_have_pi0_sizes():
@@ -44,8 +43,11 @@ def test_dict_round_trip_and_unknown_keys():
         Pi0Config.from_dict({**c.to_dict(), "vlm": {"widht": 3}})
 
 
-def test_draft_experiment_yaml_pi0_block_builds_a_policy():
-    block = yaml.safe_load(DRAFT.read_text())["policy"]["pi0"]
-    cfg = Pi0Config.from_dict(block)
+def test_tiny_experiment_yaml_pi0_block_builds_a_policy():
+    from fastnft.config import load_config
+    from fastnft.policies.factory import pi0_config_from
+
+    cfg = pi0_config_from(load_config(TINY_YAML), state_dim=29, act_dim=4)  # PickCube rgb: 29 state values
     pol = Pi0Policy(cfg)
-    assert pol.H == 6 and pol.n_action_steps == 4 and pol.D == 8 and cfg.prefix_len == 16 + 16
+    assert pol.H == 6 and pol.n_action_steps == 4 and pol.D == 8 and cfg.prefix_len == 16 + 24
+    assert cfg.cameras == ("base_camera",) and cfg.state_dim == 29 and cfg.action_dim == 4

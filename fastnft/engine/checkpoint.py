@@ -70,7 +70,7 @@ def config_fingerprint(cfg: Any) -> dict[str, Any]:
     from fastnft.config import config_to_dict
 
     out: dict[str, Any] = {f"policy.{k}": v for k, v in config_to_dict(cfg.policy).items()}
-    for k in ("task", "control_mode", "obs_mode"):
+    for k in ("task", "control_mode", "obs_mode", "cameras", "image_size", "instruction"):
         out[f"env.{k}"] = getattr(cfg.env, k)
     return out
 

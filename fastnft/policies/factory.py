@@ -27,7 +27,10 @@ _SHARED = ("num_steps", "n_action_steps")  # owned by policy.*, not policy.pi0.*
 
 def _renamed(e: ConfigError) -> ConfigError:
     """Pi0Config names its keys ``pi0.<field>``; in an experiment YAML they live under ``policy.``."""
-    return ConfigError(str(e).replace("'pi0.", "'policy.pi0.").replace("['pi0.", "['policy.pi0."))
+    msg = str(e).replace("'pi0.", "'policy.pi0.").replace("['pi0.", "['policy.pi0.")
+    for k in _SHARED:  # injected from policy.<k>, so name the key the user set
+        msg = msg.replace(f"'policy.pi0.{k}'", f"'policy.{k}'")
+    return ConfigError(msg)
 
 
 def _pi0_block(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -103,15 +106,15 @@ def _build_pi0(cfg: ExperimentConfig, state_dim: int, act_dim: int, seed: int) -
     return policy
 
 
-def build_flow_policy(cfg: ExperimentConfig, *, init: str | Path | None, state_dim: int, act_dim: int,
-                      seed: int = 0) -> FlowPolicy:
+def build_flow_policy(cfg: ExperimentConfig, *, init: str | Path | None, state_dim: int | None = None,
+                      act_dim: int | None = None, seed: int = 0) -> FlowPolicy:
     """The start policy of a training run, on the CPU (the engine moves it).
 
     Args:
         cfg: experiment config (``policy.kind`` picks the implementation).
         init: ``state_flow``: the policy file (SFT output or ``--init``); ignored for pi0.
-        state_dim: width of the env's state observation (``observation.state`` for pi0).
-        act_dim: the env's action dim.
+        state_dim: width of the env's state observation (``observation.state``); needed for pi0.
+        act_dim: the env's action dim; needed for pi0.
         seed: random-init seed (pi0 without a checkpoint).
 
     Raises:
@@ -120,6 +123,8 @@ def build_flow_policy(cfg: ExperimentConfig, *, init: str | Path | None, state_d
             mismatched policy files, naming the file and the keys.
     """
     if cfg.policy.kind == "pi0":
+        if state_dim is None or act_dim is None:
+            raise ValueError("build_flow_policy(kind pi0) needs the env's state_dim and act_dim")
         return _build_pi0(cfg, state_dim, act_dim, seed)
     from fastnft.policies.io import load_policy
 

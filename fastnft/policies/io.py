@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from fastnft.atomic import torch_save_atomic
 from fastnft.config import ExperimentConfig
+from fastnft.policies.base import FlowPolicy
 from fastnft.policies.state_flow import StateFlowPolicy
 
-__all__ = ["PolicyFileError", "load_policy", "load_run_policy", "save_policy"]
+__all__ = ["PolicyFileError", "load_policy", "load_run_policy", "save_final_policy", "save_policy"]
 
 
 class PolicyFileError(RuntimeError):
@@ -24,8 +24,18 @@ class PolicyFileError(RuntimeError):
 
 
 def save_policy(path: str | Path, policy: StateFlowPolicy, meta: dict[str, Any]) -> Path:
-    """Write ``{"policy": export, "meta": meta}`` atomically (:func:`fastnft.atomic.torch_save_atomic`)."""
-    return torch_save_atomic(path, {"policy": policy.export(), "meta": meta})
+    """Write ``{"policy": export, "meta": meta}`` atomically (:meth:`StateFlowPolicy.save`)."""
+    return policy.save(path, meta)
+
+
+def save_final_policy(policy: FlowPolicy, run_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write a trained policy into ``run_dir`` in its own persistent form and return the path: the state policy as
+    ``policy_final.pt`` (:func:`save_policy`), pi0 / pi0.5 as the checkpoint directory ``policy_final/`` (openpi /
+    lerobot layout, which lerobot and openpi load; ``meta`` is not stored there)."""
+    d = Path(run_dir)
+    if isinstance(policy, StateFlowPolicy):
+        return save_policy(d / "policy_final.pt", policy, meta)
+    return policy.save(d / "policy_final")
 
 
 def load_policy(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[StateFlowPolicy, dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Rollout buffers store one observation per policy call and index micro-batches out of them; these helpers do that
 for both forms, so the buffer code need not know which policy it serves. In a dict, tensor values are batched along
-dim 0, a list holds one entry per row (e.g. the instructions), and a lone string is shared by every row.
+dim 0, a list holds one entry per row (e.g. the instructions), and a lone string is shared by every row. A third
+form is a per-call context object with ``index(rows)``, ``to(device)``, ``batch_size`` and a ``cat(parts)``
+classmethod (pi0's :class:`~fastnft.policies.pi0.PrefixContext`, stored with ``prefix_mode: cached``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def obs_batch_size(obs: Obs) -> int:
     """
     if isinstance(obs, Tensor):
         return int(obs.shape[0])
+    if not isinstance(obs, dict):
+        return int(obs.batch_size)
     for v in obs.values():
         if isinstance(v, Tensor):
             return int(v.shape[0])
@@ -37,6 +41,8 @@ def obs_to(obs: Obs, device: torch.device | str) -> Obs:
     """Move every tensor to ``device`` (strings and lists unchanged)."""
     if isinstance(obs, Tensor):
         return obs.to(device)
+    if not isinstance(obs, dict):
+        return obs.to(device)
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in obs.items()}
 
 
@@ -44,6 +50,8 @@ def obs_index(obs: Obs, rows: Tensor) -> Obs:
     """Rows ``rows`` (``[M]`` int64 or ``[B]`` bool) of every batched value; a shared string becomes a list."""
     if isinstance(obs, Tensor):
         return obs[rows]
+    if not isinstance(obs, dict):
+        return obs.index(rows)
     idx = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
     ids = idx.tolist()
     out: dict[str, Any] = {}
@@ -69,6 +77,8 @@ def obs_cat(parts: list[Obs]) -> Obs:
         raise ValueError("obs_cat needs at least one observation batch")
     if isinstance(parts[0], Tensor):
         return torch.cat(parts)
+    if not isinstance(parts[0], dict):
+        return type(parts[0]).cat(parts)
     keys = set(parts[0])
     if any(set(p) != keys for p in parts):
         raise ValueError(f"observation dicts have different keys: {[sorted(p) for p in parts]}")

@@ -86,6 +86,12 @@ class PrefixContext:
         return PrefixContext(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
                              self.valid[rows], pick(self.state))
 
+    def to(self, device: torch.device | str) -> PrefixContext:
+        """Copy to ``device`` (a rollout buffer moved between devices)."""
+        mv = lambda x: None if x is None else x.to(device)
+        return PrefixContext(tuple(k.to(device) for k in self.keys), tuple(v.to(device) for v in self.values),
+                             self.valid.to(device), mv(self.state))
+
     @classmethod
     def cat(cls, parts: list[PrefixContext]) -> PrefixContext:
         """Concatenate along the batch (a rollout buffer of cached prefixes, ``prefix_mode = cached``)."""
@@ -377,6 +383,13 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"policy precision must be float32 or bfloat16, got {dtype!r}")
         self.compute_dtype = dt
         return self
+
+    @property
+    def stores_context(self) -> bool:
+        """Rollouts store the per-call :class:`PrefixContext` instead of the raw observation (``prefix_mode:
+        cached``): the update then skips the prefix forward, at the memory cost of
+        :meth:`Pi0Config.prefix_cache_bytes` per stored call."""
+        return self.cfg.prefix_mode == "cached"
 
     # -- network ------------------------------------------------------------------------------------------------
     def process(self, obs: dict[str, Any]) -> dict[str, Tensor]:

@@ -24,20 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastnft.envs.base import STATE_KEY, image_key  # the env writes the keys the processor reads
 from fastnft.policies.image import siglip_pixels
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.tokenizer import ByteTokenizer, PromptTokenizer, make_tokenizer, pi05_prompt
 
 __all__ = ["STATE_KEY", "NormStats", "Pi0Processor", "image_key"]
-
-STATE_KEY = "observation.state"
-"""lerobot's key of the proprio state."""
-
-
-def image_key(camera: str) -> str:
-    """lerobot's key of one camera's frames: ``observation.images.<camera>``."""
-    return f"observation.images.{camera}"
-
 
 NormMode = Literal["mean_std", "quantile", "identity"]
 

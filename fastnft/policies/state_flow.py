@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastnft.atomic import torch_save_atomic
 from fastnft.config import PolicyConfig
 from fastnft.devices import check_generator
 from fastnft.policies.normalizer import Normalizer
@@ -190,7 +193,33 @@ class StateFlowPolicy(nn.Module):
                               step_index=step_index, generator=generator, step_fn=step_fn,
                               keep_trajectory=keep_trajectory)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad (the whole expert; the normalisers are buffers): what ZeRO shards and
+        the EMA averages (SPEC S9)."""
+        return [q for q in self.parameters() if q.requires_grad]
+
     # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        """Write the policy file ``{"policy": export(), "meta": meta}`` atomically (one ``torch.save`` file).
+
+        Returns:
+            ``path``.
+        """
+        return torch_save_atomic(path, {"policy": self.export(), "meta": dict(meta or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: PolicyConfig | None = None) -> StateFlowPolicy:
+        """Read a file written by :meth:`save` (``weights_only``); :func:`fastnft.policies.io.load_policy` adds the
+        checks against an experiment config and friendlier errors.
+
+        Raises:
+            ValueError: not a policy file, or its architecture differs from ``cfg``.
+        """
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or "policy" not in blob:
+            raise ValueError(f"{str(path)!r} is not a fastnft policy file (no 'policy' entry)")
+        return cls.from_export(blob["policy"], cfg)
+
     def export(self) -> dict:
         """Everything needed to rebuild this policy: dims, config, weights (incl. normaliser buffers)."""
         return {"kind": "state_flow", "obs_dim": self.obs_dim, "act_dim": self.act_dim,
