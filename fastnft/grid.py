@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from fastnft.atomic import write_json_atomic
+from fastnft.atomic import atomic_write, write_json_atomic
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
 from fastnft.report import mean_interval, paired_diff_interval
 
@@ -302,9 +302,43 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                "arms": arms, "starts": by_start}
     out = Path(spec.results_dir)
     write_json_atomic(out / "summary.json", summary)
+    atomic_write(out / "table.md", lambda f: f.write(summary_table(summary)), text=True)
     if results:
         _plot(results, spec, out / "curves.png")
     return summary
+
+
+def _pm(x: float) -> str:
+    return f"{x:+.1f}"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Markdown tables of a grid summary (the README's results table): every run's start -> final held-out success
+    and paired gain, each arm's mean gain across runs with its Student-t interval, and per start the first arm's
+    paired difference from each control. Success in %, gains in points, intervals 95 %."""
+    lines = [f"Runs finished: {summary['runs_finished']} of {summary['runs_total']}.", "",
+             "| arm | start | seed | held-out success, start -> end | gain, paired 95 % interval |",
+             "|---|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        for r in sorted(a["runs"], key=lambda r: (r["start"], r["seed"])):
+            lo, hi = r["gain_ci95"]
+            lines.append(f"| {arm} | {r['start']} | {r['seed']} | {100 * r['start_success']:.2f} % -> "
+                         f"{100 * r['final_success']:.2f} % | {_pm(r['gain_points'])} ({_pm(lo)} .. {_pm(hi)}) |")
+    lines += ["", "| arm | runs | mean gain, points | 95 % interval across runs (Student t) |", "|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        g = a["gain_points"]
+        ci = f"{_pm(g['ci95'][0])} .. {_pm(g['ci95'][1])}" if g["n"] > 1 else "needs 2 runs"
+        lines.append(f"| {arm} | {g['n']} | {_pm(g['mean'])} | {ci} |")
+    rows = [(start, k, v) for start, e in summary["starts"].items() for k, v in e.items() if isinstance(v, dict)]
+    if rows:
+        lines += ["", "| start | comparison, final held-out success | difference, points (paired 95 % interval) |",
+                  "|---|---|---|"]
+        for start, k, v in rows:
+            lo, hi = v["ci95"]
+            verdict = "above 0" if v["beats"] else "not above 0"
+            lines.append(f"| {start} | {k.replace('_minus_', ' - ')} | {_pm(v['points'])} ({_pm(lo)} .. {_pm(hi)}), "
+                         f"{verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(results: list[dict[str, Any]], spec: GridSpec, path: Path) -> None:

@@ -85,6 +85,12 @@ arms:
     assert s["runs_finished"] == 2 and set(s["arms"]) == {"stepnft", "zero"}
     assert "stepnft_minus_zero_s0" in s["starts"]["a"]
     assert (res / "curves.png").stat().st_size > 1000
+    table = (res / "table.md").read_text()
+    d = s["starts"]["a"]["stepnft_minus_zero_s0"]
+    assert f"| a | stepnft - zero_s0 | {d['points']:+.1f} ({d['ci95'][0]:+.1f} .. {d['ci95'][1]:+.1f})" in table
+    z = s["arms"]["zero"]["runs"][0]
+    assert f"| zero | a | 0 | {100 * z['start_success']:.2f} % -> {100 * z['final_success']:.2f} % |" in table
+    assert "| stepnft | 1 |" in table and "needs 2 runs" in table
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/grids").glob("*.yaml")), ids=str)
