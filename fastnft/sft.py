@@ -114,9 +114,11 @@ def sft_key(cfg: ExperimentConfig) -> dict[str, Any]:
 
     Cached SFT files store this key (``meta["key"]``) and are reused only while it is equal, so its values must not
     change with renames: ``policy.n_action_steps`` keeps its old name ``chunk`` here, which every SFT file written
-    before the rename holds (renaming it would silently retrain and overwrite them).
+    before the rename holds (renaming it would silently retrain and overwrite them). The pi0-only keys (``kind``,
+    ``checkpoint``, ``pi0``) stay out: SFT trains only the state policy.
     """
-    policy = {("chunk" if k == "n_action_steps" else k): v for k, v in config_to_dict(cfg.policy).items()}
+    policy = {("chunk" if k == "n_action_steps" else k): v for k, v in config_to_dict(cfg.policy).items()
+              if k not in ("kind", "checkpoint", "pi0")}
     return {"task": cfg.env.task, "control_mode": cfg.env.control_mode, "demos": config_to_dict(cfg.demos),
             "sft": config_to_dict(cfg.sft), "policy": policy}
 

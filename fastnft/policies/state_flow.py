@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastnft.atomic import torch_save_atomic
 from fastnft.config import PolicyConfig
 from fastnft.devices import check_generator
-from fastnft.policies.normalizer import Normalizer
+from fastnft.policies.normalizer import Normalizer, StateProcessor
 from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
 
 __all__ = ["StateFlowPolicy", "sinusoidal_time_embedding"]
@@ -97,8 +97,8 @@ class StateFlowPolicy(nn.Module):
         self.D = cfg.action_pad or act_dim
         self.H, self.n_action_steps = cfg.horizon, cfg.n_action_steps
         w = cfg.width
-        self.obs_norm = obs_norm or Normalizer.identity(obs_dim)
-        self.act_norm = act_norm or Normalizer.identity(act_dim)
+        # Set before any submodule: a plain attribute, so its statistics stay out of state_dict (see _apply).
+        self.processor = StateProcessor(obs_norm or Normalizer.identity(obs_dim), act_norm or Normalizer.identity(act_dim))
         self.state_in = nn.Sequential(nn.Linear(obs_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.action_in = nn.Linear(self.D, w)
         self.action_time_mlp = nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, w))
@@ -121,10 +121,16 @@ class StateFlowPolicy(nn.Module):
         self.compute_dtype = dt
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move the processor's statistics with the network (they are not submodules)."""
+        super()._apply(fn, recurse)
+        self.processor.apply_(fn)
+        return self
+
     # -- network ----------------------------------------------------------------------------------------------
     def encode(self, obs: Tensor) -> Tensor:
         """State token: ``[N, obs_dim]`` raw observation (any float dtype) -> ``[N, 1, width]`` (compute dtype)."""
-        z = self.obs_norm.normalize(obs.float())  # normalised in fp32: raw states can be large
+        z = self.processor.normalize_obs(obs)  # normalised in fp32: raw states can be large
         if self.compute_dtype == torch.float32:
             return self.state_in(z).unsqueeze(1)
         with torch.autocast(z.device.type, dtype=self.compute_dtype):
@@ -156,14 +162,14 @@ class StateFlowPolicy(nn.Module):
     # -- actions ------------------------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:
         """Env actions ``[..., act_dim]`` -> normalised, zero-padded ``[..., D]``."""
-        a = self.act_norm.normalize(actions.float())
+        a = self.processor.normalize_actions(actions)
         if self.D > self.act_dim:
             a = F.pad(a, (0, self.D - self.act_dim))
         return a
 
     def to_env_actions(self, x: Tensor) -> Tensor:
         """Normalised sampler output ``[..., D]`` -> env actions ``[..., act_dim]``."""
-        return self.act_norm.unnormalize(x[..., : self.act_dim].float())
+        return self.processor.unnormalize_actions(x[..., : self.act_dim])
 
     @torch.no_grad()
     def sample(self, obs: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
@@ -221,9 +227,10 @@ class StateFlowPolicy(nn.Module):
         return cls.from_export(blob["policy"], cfg)
 
     def export(self) -> dict:
-        """Everything needed to rebuild this policy: dims, config, weights (incl. normaliser buffers)."""
+        """Everything needed to rebuild this policy: dims, config, network weights and the processor's statistics."""
         return {"kind": "state_flow", "obs_dim": self.obs_dim, "act_dim": self.act_dim,
-                "policy_cfg": asdict(self.cfg), "state_dict": self.state_dict()}
+                "policy_cfg": asdict(self.cfg), "state_dict": self.state_dict(),
+                "processor": self.processor.state_dict()}
 
     @classmethod
     def from_export(cls, blob: dict, cfg: PolicyConfig | None = None) -> StateFlowPolicy:
@@ -247,6 +254,11 @@ class StateFlowPolicy(nn.Module):
                                  "); use the config the checkpoint was trained with, or retrain SFT")
         use = cfg or saved
         obs_dim, act_dim = blob["obs_dim"], blob["act_dim"]
-        pol = cls(obs_dim, act_dim, use, Normalizer.identity(obs_dim), Normalizer.identity(act_dim))
-        pol.load_state_dict(blob["state_dict"])
+        weights = dict(blob["state_dict"])
+        # Files written before the processor split keep the statistics among the weights (as normaliser buffers).
+        stats = blob.get("processor") or {k: weights.pop(k) for k in list(weights) if k.startswith(("obs_norm.",
+                                                                                                        "act_norm."))}
+        pol = cls(obs_dim, act_dim, use)
+        pol.processor = StateProcessor.from_state_dict(stats)
+        pol.load_state_dict(weights)
         return pol
