@@ -298,7 +298,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
         by_start[start] = entry
     summary = {"spec": {"base_config": spec.base_config, "overrides": spec.overrides, "starts": spec.starts,
                         "arms": [a.__dict__ for a in spec.arms]},
-               "runs_finished": len(results), "runs_total": len(grid_runs(spec)),
+               "ci_level": 0.95, "runs_finished": len(results), "runs_total": len(grid_runs(spec)),
                "arms": arms, "starts": by_start}
     out = Path(spec.results_dir)
     write_json_atomic(out / "summary.json", summary)
@@ -316,7 +316,9 @@ def summary_table(summary: dict[str, Any]) -> str:
     """Markdown tables of a grid summary (the README's results table): every run's start -> final held-out success
     and paired gain, each arm's mean gain across runs with its Student-t interval, and per start the first arm's
     paired difference from each control. Success in %, gains in points, intervals 95 %."""
-    lines = [f"Runs finished: {summary['runs_finished']} of {summary['runs_total']}.", "",
+    src = "`results/grid/summary.json`"  # the docs' citation convention (tests/test_doc_numbers.py)
+    lines = [f"Runs finished: {summary['runs_finished']} of {summary['runs_total']} ({src}).", "",
+             f"Each run, from its start ({src}):", "",
              "| arm | start | seed | held-out success, start -> end | gain, paired 95 % interval |",
              "|---|---|---|---|---|"]
     for arm, a in summary["arms"].items():
@@ -324,14 +326,15 @@ def summary_table(summary: dict[str, Any]) -> str:
             lo, hi = r["gain_ci95"]
             lines.append(f"| {arm} | {r['start']} | {r['seed']} | {100 * r['start_success']:.2f} % -> "
                          f"{100 * r['final_success']:.2f} % | {_pm(r['gain_points'])} ({_pm(lo)} .. {_pm(hi)}) |")
-    lines += ["", "| arm | runs | mean gain, points | 95 % interval across runs (Student t) |", "|---|---|---|---|"]
+    lines += ["", f"Mean gain across runs ({src}):", "", "| arm | runs | mean gain, points | 95 % interval across runs (Student t) |", "|---|---|---|---|"]
     for arm, a in summary["arms"].items():
         g = a["gain_points"]
         ci = f"{_pm(g['ci95'][0])} .. {_pm(g['ci95'][1])}" if g["n"] > 1 else "needs 2 runs"
         lines.append(f"| {arm} | {g['n']} | {_pm(g['mean'])} | {ci} |")
     rows = [(start, k, v) for start, e in summary["starts"].items() for k, v in e.items() if isinstance(v, dict)]
     if rows:
-        lines += ["", "| start | comparison, final held-out success | difference, points (paired 95 % interval) |",
+        lines += ["", f"Per start, final outcomes paired per episode ({src}):", "",
+                  "| start | comparison, final held-out success | difference, points (paired 95 % interval) |",
                   "|---|---|---|"]
         for start, k, v in rows:
             lo, hi = v["ci95"]
