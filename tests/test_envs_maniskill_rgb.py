@@ -32,7 +32,8 @@ def test_config_errors_name_the_key(overrides, key):
 
 
 def test_config_rgb_fields_and_instruction():
-    cfg = load_config(None, ["env.obs_mode=rgb", "env.cameras=[base_camera]", "env.image_size=64"]).env
+    cfg = load_config(None, ["policy.kind=pi0", "env.obs_mode=rgb", "env.cameras=[base_camera]",
+                              "env.image_size=64"]).env
     assert (cfg.cameras, cfg.image_size) == (["base_camera"], 64)
     assert cfg.language_instruction() == TASK_INSTRUCTIONS["PickCube-v1"]
     assert "red cube" in cfg.language_instruction()
@@ -42,10 +43,10 @@ def test_config_rgb_fields_and_instruction():
 
 
 def test_demos_refuse_rgb(tmp_path):
-    from fastnft.config import ExperimentConfig
+    from fastnft.config import ExperimentConfig, PolicyConfig
     from fastnft.demos import generate_demos
 
-    cfg = ExperimentConfig(env=EnvConfig(obs_mode="rgb"))
+    cfg = ExperimentConfig(env=EnvConfig(obs_mode="rgb"), policy=PolicyConfig(kind="pi0"))
     with pytest.raises(ConfigError, match=r"'env.obs_mode'.*state-only"):
         generate_demos(cfg, tmp_path, num_demos=1, progress=False)
 

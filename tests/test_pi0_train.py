@@ -172,8 +172,9 @@ def _cmd(run_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.skipif(not _OK, reason=f"ManiSkill3 unusable here: {_WHY}")
 def test_fastnft_train_pi0_tiny_kill_9_and_resume(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=_env(),
-                         check=False)
+    log = tmp_path / "first.stderr"  # a file, not a pipe: a full pipe would block the trainer before the kill
+    with log.open("wb") as err:
+        proc = subprocess.Popen(_cmd(run), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=_env())
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         ck = list_checkpoints(run)
@@ -181,7 +182,7 @@ def test_fastnft_train_pi0_tiny_kill_9_and_resume(tmp_path):
             break
         time.sleep(0.01)
     if proc.poll() is not None and proc.returncode != 0:
-        pytest.fail(f"training failed before the kill:\n{proc.stderr.read().decode()[-3000:]}")
+        pytest.fail(f"training failed before the kill:\n{log.read_text()[-3000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = list_checkpoints(run)[-1][0]
