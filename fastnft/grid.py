@@ -30,7 +30,7 @@ import yaml
 
 from fastnft.atomic import atomic_write, write_json_atomic
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
-from fastnft.report import mean_interval, paired_diff_interval
+from fastnft.report import draw_success_curves, mean_interval, paired_diff_interval
 
 __all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "run_grid", "summarize_grid"]
 
@@ -354,18 +354,12 @@ def _plot(results: list[dict[str, Any]], spec: GridSpec, path: Path) -> None:
     fig, axes = plt.subplots(1, len(starts), figsize=(4.2 * len(starts), 3.6), dpi=110, squeeze=False)
     colors = {"stepnft": "C0", "shuffled": "C3", "zero": "C7", "grpo": "C2"}
     for ax, start in zip(axes[0], starts):
-        for r in sorted((r for r in results if r["start"] == start), key=lambda r: (r["arm"], r["seed"])):
-            h = r["history"]
-            it = [e["iteration"] for e in h]
-            c = colors.get(r["arm"], None)
-            ax.plot(it, [100 * e["success_rate"] for e in h], marker="o", ms=3, color=c,
-                    label=f"{r['arm']} s{r['seed']}", ls="-" if r["seed"] == 0 else "--")
-            ax.fill_between(it, [100 * e["ci_low"] for e in h], [100 * e["ci_high"] for e in h], color=c,
-                            alpha=0.08)
+        runs = sorted((r for r in results if r["start"] == start), key=lambda r: (r["arm"], r["seed"]))
+        curves = {f"{r['arm']} s{r['seed']}": r["history"] for r in runs}
+        styles = {f"{r['arm']} s{r['seed']}": {"color": colors.get(r["arm"]), "ls": "-" if r["seed"] == 0 else "--"}
+                  for r in runs}
+        draw_success_curves(ax, curves, styles, band_alpha=0.08)
         ax.set_title(f"start {start}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("held-out success (%)")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,28 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
     return "\n".join([head, sep, *body])
 
 
+def draw_success_curves(ax: Any, curves: dict[str, list[dict[str, float]]],
+                        styles: dict[str, dict[str, Any]] | None = None, band_alpha: float = 0.15) -> None:
+    """Draw held-out success (%) vs iteration with its 95 % band on a matplotlib ``ax``, one line per label.
+
+    Args:
+        curves: ``{label: [{"iteration", "success_rate", "ci_low", "ci_high"}, ...]}``, rates as fractions in [0, 1].
+        styles: optional ``{label: matplotlib line kwargs}`` (``color``, ``ls``); the band takes the line's colour.
+        band_alpha: opacity of the interval bands.
+    """
+    for label, hist in curves.items():
+        if not hist:
+            continue
+        it = [h["iteration"] for h in hist]
+        (line,) = ax.plot(it, [100 * h["success_rate"] for h in hist], marker="o", ms=3, label=label,
+                          **(styles or {}).get(label, {}))
+        ax.fill_between(it, [100 * h["ci_low"] for h in hist], [100 * h["ci_high"] for h in hist],
+                        color=line.get_color(), alpha=band_alpha)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("held-out success rate (%)")
+    ax.grid(alpha=0.3)
+
+
 def plot_success_curves(curves: dict[str, list[dict[str, float]]], path: str | Path, title: str) -> Path:
     """Held-out success rate vs iteration (with 95 % intervals) for one or more runs, saved as PNG.
 
@@ -124,17 +146,8 @@ def plot_success_curves(curves: dict[str, list[dict[str, float]]], path: str | P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for label, hist in curves.items():
-        if not hist:
-            continue
-        it = [h["iteration"] for h in hist]
-        sr = [100 * h["success_rate"] for h in hist]
-        ax.plot(it, sr, marker="o", ms=3, label=label)
-        ax.fill_between(it, [100 * h["ci_low"] for h in hist], [100 * h["ci_high"] for h in hist], alpha=0.15)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("held-out success rate (%)")
+    draw_success_curves(ax, curves)
     ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
