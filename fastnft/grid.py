@@ -192,7 +192,7 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
         history = trainer.train()
     finally:
         env.close()
-    train_s = time.time() - t0
+    train_s = time.time() - t0  # this process only: a resumed run's earlier segments are not in it
     metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
     it_rows = [m for m in metrics if "rollout/success_rate" in m]
@@ -271,7 +271,11 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
         a["runs"].append({"run_id": r["run_id"], "start": r["start"], "seed": r["seed"],
                           "start_success": r["start_success"], "final_success": r["final_success"],
                           "gain_points": r["gain"]["points"], "gain_ci95": r["gain"]["ci95"],
-                          "train_min": r["train_s"] / 60})
+                          "train_min": r["train_s"] / 60,
+                          # summed over every segment of a resumed run (train_s counts only the last one);
+                          # evaluations excluded
+                          "iterations_min": sum(x for x in r["per_iteration"].get("perf/iteration_s", [])
+                                                if isinstance(x, (int, float))) / 60})
         a["gains"].append(r["gain"]["points"])
     for a in arms.values():
         a["gain_points"] = mean_interval(a.pop("gains"))

@@ -89,6 +89,8 @@ arms:
     d = s["starts"]["a"]["stepnft_minus_zero_s0"]
     assert f"| a | stepnft - zero_s0 | {d['points']:+.1f} ({d['ci95'][0]:+.1f} .. {d['ci95'][1]:+.1f})" in table
     z = s["arms"]["zero"]["runs"][0]
+    # run time summed from the iterations themselves, so a resumed run counts all its segments
+    assert z["iterations_min"] > 0 and z["iterations_min"] * 60 == pytest.approx(sum(r["per_iteration"]["perf/iteration_s"]))
     assert f"| zero | a | 0 | {100 * z['start_success']:.2f} % -> {100 * z['final_success']:.2f} % |" in table
     assert "| stepnft | 1 |" in table and "needs 2 runs" in table
 
