@@ -192,19 +192,19 @@ def save_demos(demos: DemoSet, path: str | Path) -> Path:
                              f"{e.actions.shape} [T, act_dim]")
     obs_dim = eps[0].obs.shape[1] if eps else demos.obs_dim
     act_dim = eps[0].actions.shape[1] if eps else demos.act_dim
-    arrays = dict(
-        obs=(np.concatenate([e.obs for e in eps]) if eps else np.zeros((0, obs_dim))).astype(np.float32),
-        actions=(np.concatenate([e.actions for e in eps]) if eps else np.zeros((0, act_dim))).astype(np.float32),
-        lengths=np.array([e.length for e in eps], dtype=np.int64),
-        seeds=np.array([e.seed for e in eps], dtype=np.int64),
-        success=np.array([e.success for e in eps], dtype=bool),
-        env_id=np.array(demos.env_id), control_mode=np.array(demos.control_mode),
-        obs_mode=np.array(demos.obs_mode), sim_backend=np.array("physx_cpu"),
-        obs_dim=np.array(obs_dim, dtype=np.int64), act_dim=np.array(act_dim, dtype=np.int64),
-        max_episode_steps=np.array(demos.max_episode_steps, dtype=np.int64),
-        seed_start=np.array(demos.seed_start, dtype=np.int64),
-        format_version=np.array(FORMAT_VERSION, dtype=np.int64),
-    )
+    arrays = {
+        "obs": (np.concatenate([e.obs for e in eps]) if eps else np.zeros((0, obs_dim))).astype(np.float32),
+        "actions": (np.concatenate([e.actions for e in eps]) if eps else np.zeros((0, act_dim))).astype(np.float32),
+        "lengths": np.array([e.length for e in eps], dtype=np.int64),
+        "seeds": np.array([e.seed for e in eps], dtype=np.int64),
+        "success": np.array([e.success for e in eps], dtype=bool),
+        "env_id": np.array(demos.env_id), "control_mode": np.array(demos.control_mode),
+        "obs_mode": np.array(demos.obs_mode), "sim_backend": np.array("physx_cpu"),
+        "obs_dim": np.array(obs_dim, dtype=np.int64), "act_dim": np.array(act_dim, dtype=np.int64),
+        "max_episode_steps": np.array(demos.max_episode_steps, dtype=np.int64),
+        "seed_start": np.array(demos.seed_start, dtype=np.int64),
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+    }
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
@@ -333,7 +333,7 @@ class _Generator:
         try:  # the planner prints on failure; keep the progress bar readable
             with contextlib.redirect_stdout(io.StringIO()):
                 res = self.solve(self.plan_env, seed=seed, debug=False, vis=False)
-        except Exception as e:  # planner failures raise from mplib / screw motion
+        except Exception as e:  # noqa: BLE001 - planner failures raise anything from mplib / screw motion
             return None, f"planner error: {type(e).__name__}"
         if isinstance(res, int) and res == -1:
             return None, "no plan"

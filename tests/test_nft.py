@@ -19,7 +19,7 @@ def make_batch(N=7, C=5, D=3, seed=0, dtype=torch.float64, drift=0.3):
         N, C, D, generator=g, dtype=dtype)
     v_theta = (v_old + drift * torch.randn(N, C, D, generator=g, dtype=dtype)).requires_grad_(True)
     y = torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0).to(dtype)
-    return dict(v_theta=v_theta, v_old=v_old, x_t=x_t, x_next=x_next, A=A, B=B, std=std, y=y), sch.t[i]
+    return {"v_theta": v_theta, "v_old": v_old, "x_t": x_t, "x_next": x_next, "A": A, "B": B, "std": std, "y": y}, sch.t[i]
 
 
 def manual_terms(b, beta=1.0, max_drift=0.5):

@@ -62,6 +62,7 @@ from fastnft.envs.base import STATE_KEY, TASK_KEY, EnvObs, VectorEnv, image_key
 
 if TYPE_CHECKING:
     import gymnasium as gym
+    from typing_extensions import Self  # typing.Self needs 3.11; requires-python is 3.10
 
     from fastnft.config import EnvConfig
 
@@ -324,7 +325,7 @@ class _EnvFn:
 def _close_async(venv: Any) -> None:
     try:
         venv.close(terminate=True)
-    except Exception:  # pragma: no cover - best effort at interpreter exit
+    except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit  # pragma: no cover
         pass
 
 
@@ -493,7 +494,7 @@ class ManiSkillVectorEnv(VectorEnv):
         self._venv = None
         self._gpu_env = None
 
-    def __enter__(self) -> ManiSkillVectorEnv:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
