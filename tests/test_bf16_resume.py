@@ -8,16 +8,15 @@ weights, so a resumed run continues the exact trajectory. Timing metrics (``time
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_helpers import kill_after_checkpoint
 
-from fastnft.engine.checkpoint import list_checkpoints, load_latest
+from fastnft.engine.checkpoint import load_latest
 from fastnft.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -68,17 +67,8 @@ def test_bf16_kill_9_resume_matches_uninterrupted(tmp_path):
     assert state["actor"]["optim"]["step"] == full[6]["update/steps"] * 6
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(tmp_path, "killed", "train"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=REPO, env=_env())
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ck = list_checkpoints(run)
-        if ck and ck[-1][0] >= 2:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = list_checkpoints(run)[-1][0]
+    killed_at = kill_after_checkpoint(_cmd(tmp_path, "killed", "train"), run, 2, env=_env(), cwd=REPO,
+                                      log=tmp_path / "killed.stderr", timeout_s=300)
     assert 2 <= killed_at < 6, f"the kill landed at iteration {killed_at}; the test needs a mid-run kill"
     _run(_cmd(tmp_path, "killed", "train", "--resume"))
     resumed = _train_metrics(run)

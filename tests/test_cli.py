@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill_helpers import kill_after_checkpoint
 
 from fastnft.engine.checkpoint import list_checkpoints, load_latest
 from fastnft.metrics import read_jsonl
@@ -101,17 +100,9 @@ def test_kill_9_then_resume(sft_tmp):
         sets += ["--set", kv]
     cmd = [sys.executable, "-m", "fastnft.cli", "train", "--no-progress", "--config", "configs/bandit_stepnft.yaml",
            *sets]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        ck = list_checkpoints(run)
-        if ck and ck[-1][0] >= 4:  # iteration 4's file exists only after iteration 3's pointer was written
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = list_checkpoints(run)[-1][0]
+    # iteration 4's file exists only after iteration 3's pointer was written
+    killed_at = kill_after_checkpoint(cmd, run, 4, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                      log=sft_tmp / "resume.stderr")
     assert 3 <= killed_at < 60, f"kill landed at iteration {killed_at}; the test needs a mid-run kill"
     it, _ = load_latest(run)
     assert it >= 3

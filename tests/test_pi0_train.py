@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from kill_helpers import kill_after_checkpoint
 
 from fastnft.config import ConfigError, NFTConfig, load_config
-from fastnft.engine.checkpoint import list_checkpoints, load_latest
+from fastnft.engine.checkpoint import load_latest
 from fastnft.envs.base import STATE_KEY, TASK_KEY, VectorEnv, image_key
 from fastnft.metrics import read_jsonl
 from fastnft.nft import stepnft_loss
@@ -172,20 +171,7 @@ def _cmd(run_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.skipif(not _OK, reason=f"ManiSkill3 unusable here: {_WHY}")
 def test_fastnft_train_pi0_tiny_kill_9_and_resume(tmp_path):
     run = tmp_path / "run"
-    log = tmp_path / "first.stderr"  # a file, not a pipe: a full pipe would block the trainer before the kill
-    with log.open("wb") as err:
-        proc = subprocess.Popen(_cmd(run), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=_env())
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        ck = list_checkpoints(run)
-        if ck and ck[-1][0] >= 1:
-            break
-        time.sleep(0.01)
-    if proc.poll() is not None and proc.returncode != 0:
-        pytest.fail(f"training failed before the kill:\n{log.read_text()[-3000:]}")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = list_checkpoints(run)[-1][0]
+    killed_at = kill_after_checkpoint(_cmd(run), run, 1, env=_env(), cwd=REPO, log=tmp_path / "first.stderr")
     assert 1 <= killed_at < 3, f"the kill landed at iteration {killed_at}; the test needs a mid-run kill"
 
     out = subprocess.run(_cmd(run, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(),
