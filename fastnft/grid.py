@@ -260,6 +260,8 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
     start difference). Per start: StepNFT's final outcomes (averaged over its seeds, per episode) against each
     control's final outcomes on the same episodes, as a paired difference with a 95 % interval; StepNFT "beats"
     a control at a start when that interval lies above 0. The first arm of the spec is the method compared.
+    Per run: its gain, run times and the means over iterations of the update's signal diagnostics
+    (``signal/cos_halves``, ``signal/label_share``: :func:`fastnft.update.gradient_signal`).
     """
     import json
 
@@ -275,7 +277,9 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                           # summed over every segment of a resumed run (train_s counts only the last one);
                           # evaluations excluded
                           "iterations_min": sum(x for x in r["per_iteration"].get("perf/iteration_s", [])
-                                                if isinstance(x, (int, float))) / 60})
+                                                if isinstance(x, (int, float))) / 60,
+                          # means over iterations of the update's signal diagnostics (fastnft.update)
+                          "diagnostics_mean": r.get("diagnostics_mean", {})})
         a["gains"].append(r["gain"]["points"])
     for a in arms.values():
         a["gain_points"] = mean_interval(a.pop("gains"))

@@ -91,6 +91,8 @@ arms:
     z = s["arms"]["zero"]["runs"][0]
     # run time summed from the iterations themselves, so a resumed run counts all its segments
     assert z["iterations_min"] > 0 and z["iterations_min"] * 60 == pytest.approx(sum(r["per_iteration"]["perf/iteration_s"]))
+    # the signal diagnostics (issue 6, part 4) reach the summary, per run
+    assert z["diagnostics_mean"] == r["diagnostics_mean"] and "signal/cos_halves" in z["diagnostics_mean"]
     assert f"| zero | a | 0 | {100 * z['start_success']:.2f} % -> {100 * z['final_success']:.2f} % |" in table
     assert "| stepnft | 1 |" in table and "needs 2 runs" in table
 
