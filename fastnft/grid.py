@@ -310,7 +310,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                "arms": arms, "starts": by_start}
     out = Path(spec.results_dir)
     write_json_atomic(out / "summary.json", summary)
-    atomic_write(out / "table.md", lambda f: f.write(summary_table(summary)), text=True)
+    atomic_write(out / "table.md", lambda f: f.write(summary_table(summary, out / "summary.json")), text=True)
     if results:
         _plot(results, spec, out / "curves.png")
     return summary
@@ -320,11 +320,12 @@ def _pm(x: float) -> str:
     return f"{x:+.1f}"
 
 
-def summary_table(summary: dict[str, Any]) -> str:
+def summary_table(summary: dict[str, Any], source: str | Path = "results/grid/summary.json") -> str:
     """Markdown tables of a grid summary (the README's results table): every run's start -> final held-out success
     and paired gain, each arm's mean gain across runs with its Student-t interval, and per start the first arm's
-    paired difference from each control. Success in %, gains in points, intervals 95 %."""
-    src = "`results/grid/summary.json`"  # the docs' citation convention (tests/test_doc_numbers.py)
+    paired difference from each control. Success in %, gains in points, intervals 95 %. Each table cites
+    ``source``, the summary file it comes from (the docs' citation convention, tests/test_doc_numbers.py)."""
+    src = f"`{Path(source).as_posix()}`"
     lines = [f"Runs finished: {summary['runs_finished']} of {summary['runs_total']} ({src}).", "",
              f"Each run, from its start ({src}):", "",
              "| arm | start | seed | held-out success, start -> end | gain, paired 95 % interval |",

@@ -86,6 +86,7 @@ arms:
     assert "stepnft_minus_zero_s0" in s["starts"]["a"]
     assert (res / "curves.png").stat().st_size > 1000
     table = (res / "table.md").read_text()
+    assert f"(`{(res / 'summary.json').as_posix()}`)" in table  # each table cites its own grid's summary
     d = s["starts"]["a"]["stepnft_minus_zero_s0"]
     assert f"| a | stepnft - zero_s0 | {d['points']:+.1f} ({d['ci95'][0]:+.1f} .. {d['ci95'][1]:+.1f})" in table
     z = s["arms"]["zero"]["runs"][0]
