@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with friendly_errors():
         args.func(args)
+    from fastnft.engine import dist as fdist  # after the command: its own imports stay lazy
+
+    fdist.shutdown_distributed()
     return 0
 
 

@@ -320,7 +320,7 @@ def _pm(x: float) -> str:
     return f"{x:+.1f}"
 
 
-def summary_table(summary: dict[str, Any], source: str | Path = "results/grid/summary.json") -> str:
+def summary_table(summary: dict[str, Any], source: str | Path) -> str:
     """Markdown tables of a grid summary (the README's results table): every run's start -> final held-out success
     and paired gain, each arm's mean gain across runs with its Student-t interval, and per start the first arm's
     paired difference from each control. Success in %, gains in points, intervals 95 %. Each table cites

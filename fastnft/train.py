@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     args = p.parse_args(argv)
+    from fastnft.engine import dist as fdist
+
     with friendly_errors():
         out = run_train(args)
     h = out["history"]
-    from fastnft.engine import dist as fdist
-
     if h and fdist.is_main():
         print(f"final held-out success {h[-1]['success_rate']:.3f} (start {h[0]['success_rate']:.3f}), "
               f"run dir {out['run_dir']}")
+    fdist.shutdown_distributed()
     return 0
 
 

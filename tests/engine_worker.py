@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     out["ema"] = {n: t.flatten().tolist() for n, t in ema.state_dict()["params"].items()}
     out["global_steps"] = actor.global_steps
     (Path(args.out) / f"rank{r}.json").write_text(json.dumps(out))
-    fdist.barrier()
+    fdist.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -97,3 +97,32 @@ def test_two_ranks_hold_identical_ema_and_weights(runs: dict) -> None:
         r0, r1 = runs[run]
         assert (r0["world_size"], r1["world_size"]) == (2, 2) and (r0["rank"], r1["rank"]) == (0, 1)
         assert r0["ema"] == r1["ema"] and r0["params"] == r1["params"]
+
+
+_SHUTDOWN_SCRIPT = """
+import os
+from fastnft.engine import dist as fdist
+launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ports = []
+for _ in range(2):
+    assert fdist.init_distributed(device="cpu") == (0, 1)
+    ports.append(os.environ["MASTER_PORT"])
+    fdist.shutdown_distributed()
+    assert not fdist.is_initialized(), "group still alive after shutdown_distributed"
+    assert not any(k in os.environ for k in launch), "self-made launch variables left behind"
+fdist.shutdown_distributed()  # no group: a no-op
+print("ok", *ports)
+"""
+
+
+def test_shutdown_destroys_the_group_and_allows_a_new_one() -> None:
+    """shutdown_distributed tears the self-made single-process world down (and its launch variables), so a
+    second init_distributed in the same process builds a fresh group rather than reusing the released port."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", _SHUTDOWN_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1].split()  # DeepSpeed prints its own lines before
+    assert last[0] == "ok" and len(last) == 3, proc.stdout[-2000:]

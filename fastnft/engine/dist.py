@@ -37,6 +37,7 @@ __all__ = [
     "is_main",
     "local_rank",
     "rank",
+    "shutdown_distributed",
     "world_size",
 ]
 
@@ -81,6 +82,11 @@ def collective_device() -> torch.device:
 _OWNER_VAR = "FASTNFT_SINGLE_PROCESS_PID"
 
 
+# The MASTER_PORT of the single-process world this process made itself (empty otherwise): shutdown_distributed
+# removes those variables again so that a later group picks a fresh port instead of the released one.
+_self_made: list[str] = []
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +127,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
         # Inherited unchanged from a parent that made its own single-process world (a script or test that trains,
         # then starts `fastnft ...`): not a launch of this process, and MASTER_PORT is the parent's, in use.
         # A launcher (torchrun, deepspeed) sets its own MASTER_PORT, which keeps its variables.
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for k in _LAUNCH_VARS:
             os.environ.pop(k, None)
     present = [k for k in ("RANK", "WORLD_SIZE") if k in os.environ]
     if len(present) == 1:
@@ -132,6 +138,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
         port = str(_free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                           **{_OWNER_VAR: f"{os.getpid()}:{port}"})
+        _self_made[:] = [port]
     else:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -145,6 +152,23 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return rank(), world_size()
+
+
+def shutdown_distributed() -> None:
+    """Wait for all ranks, then destroy the default process group (no-op without one); call once, at exit.
+
+    A gloo rank that reaches interpreter exit while its group's worker threads are still alive can abort in
+    C++ ("terminate called without an active exception", exit code -6) after all its work is done; tearing the
+    group down first makes every rank exit cleanly. A later :func:`init_distributed` creates a new group.
+    """
+    if not is_initialized():
+        return
+    barrier()
+    dist.destroy_process_group()
+    if _self_made and os.environ.get("MASTER_PORT") == _self_made[0]:
+        for k in (*_LAUNCH_VARS, _OWNER_VAR):
+            os.environ.pop(k, None)
+    _self_made.clear()
 
 
 def rank() -> int:
