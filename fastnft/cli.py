@@ -104,14 +104,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def _cmd_grid(args: argparse.Namespace) -> None:
-    from fastnft.grid import grid_runs, load_grid_spec, result_path, run_grid, summarize_grid
+    from fastnft.grid import (
+        grid_runs,
+        load_grid_spec,
+        result_path,
+        reuse_finished_runs,
+        run_grid,
+        summarize_grid,
+    )
 
     spec = load_grid_spec(args.spec)
     if args.list:
         for r in grid_runs(spec):
             print(f"{r.run_id:40s} {'done' if result_path(spec, r.run_id).exists() else 'missing'}")
         return
-    if not args.summarize:
+    if args.summarize:
+        reuse_finished_runs(spec)  # costs no training: baseline arms that another grid already ran
+    else:
         run_grid(spec, only=args.only or None, force=args.force, progress=not args.no_progress)
     s = summarize_grid(spec)
     print(f"grid: {s['runs_finished']}/{s['runs_total']} runs finished; summary in {spec.results_dir}/summary.json")
@@ -170,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", action="append", default=[], metavar="RUN", help="run only this run id (repeatable)")
     g.add_argument("--force", action="store_true", help="rerun runs whose result file exists")
     g.add_argument("--list", action="store_true", help="list the runs and whether each has finished")
-    g.add_argument("--summarize", action="store_true", help="only rebuild summary.json and the plot")
+    g.add_argument("--summarize", action="store_true",
+                   help="only rebuild summary.json and the plot (after copying reusable runs: reuse_results)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     g.set_defaults(func=_cmd_grid)
     return p

@@ -32,7 +32,8 @@ from fastnft.atomic import atomic_write, write_json_atomic
 from fastnft.config import ConfigError, ExperimentConfig, config_to_dict, load_config
 from fastnft.report import draw_success_curves, mean_interval, paired_diff_interval
 
-__all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "run_grid", "summarize_grid"]
+__all__ = ["GridArm", "GridRun", "GridSpec", "grid_runs", "load_grid_spec", "reuse_finished_runs", "run_grid",
+           "summarize_grid"]
 
 
 @dataclass
@@ -65,6 +66,9 @@ class GridSpec:
     """Start name -> overrides that select its SFT policy (e.g. ``sft.num_demos=30``)."""
     arms: list[GridArm]
     """The arms."""
+    reuse_results: str | None = None
+    """Results folder of another grid (``results/grid``) whose finished runs stand in for this grid's runs of the
+    same id and settings (a lever's baseline arms), copied instead of rerun: :func:`reuse_finished_runs`."""
 
 
 @dataclass
@@ -96,7 +100,7 @@ def load_grid_spec(path: str | Path) -> GridSpec:
     if not p.is_file():
         raise ConfigError(f"grid spec {str(p)!r} does not exist; pass e.g. --spec configs/grids/pickcube.yaml")
     data = yaml.safe_load(p.read_text()) or {}
-    known = {"base_config", "results_dir", "run_root", "overrides", "starts", "arms"}
+    known = {"base_config", "results_dir", "run_root", "overrides", "starts", "arms", "reuse_results"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"grid spec {str(p)!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
@@ -127,9 +131,13 @@ def load_grid_spec(path: str | Path) -> GridSpec:
                             overrides=_str_list(a.get("overrides"), f"arms[{j}].overrides")))
     if not arms:
         raise ConfigError("grid spec key 'arms': needs at least one arm")
+    reuse = data.get("reuse_results")
+    if reuse is not None and not isinstance(reuse, str):
+        raise ConfigError(f"grid spec key 'reuse_results': expected a results folder such as results/grid, got "
+                          f"{reuse!r}")
     return GridSpec(base_config=str(data["base_config"]), results_dir=str(data["results_dir"]),
                     run_root=str(data["run_root"]), overrides=_str_list(data.get("overrides"), "overrides"),
-                    starts=starts, arms=arms)
+                    starts=starts, arms=arms, reuse_results=reuse)
 
 
 def grid_runs(spec: GridSpec) -> list[GridRun]:
@@ -152,6 +160,53 @@ def grid_runs(spec: GridSpec) -> list[GridRun]:
 def result_path(spec: GridSpec, run_id: str) -> Path:
     """``<results_dir>/runs/<run_id>.json``."""
     return Path(spec.results_dir) / "runs" / f"{run_id}.json"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Compare two resolved configs, apart from ``run_dir``, on the keys both have; also return the keys only one
+    has (a key added or renamed by later code, whose default keeps the old behaviour)."""
+    fa, fb = _flat(a), _flat(b)
+    shared = (set(fa) & set(fb)) - {"run_dir"}
+    return all(fa[k] == fb[k] for k in shared), sorted(set(fa) ^ set(fb))
+
+
+def reuse_finished_runs(spec: GridSpec) -> list[str]:
+    """Copy finished runs of ``spec.reuse_results`` into this grid where this grid lacks them.
+
+    A run is copied when the other grid holds a result of the same run id whose resolved config has the same
+    value for every setting both configs have (``run_dir`` apart); the copy records ``reused_from`` and the
+    settings only one side has (``reuse_unmatched_keys``). A run whose settings differ is left to run.
+    Returns the ids copied (none without ``reuse_results``).
+    """
+    import json
+
+    if not spec.reuse_results:
+        return []
+    copied = []
+    for run in grid_runs(spec):
+        src = Path(spec.reuse_results) / "runs" / f"{run.run_id}.json"
+        dst = result_path(spec, run.run_id)
+        if dst.exists() or not src.is_file():
+            continue
+        res = json.loads(src.read_text())
+        same, unmatched = _same_settings(res.get("config", {}),
+                                         config_to_dict(load_config(spec.base_config, run.overrides)))
+        if not same:
+            print(f"[grid] {run.run_id}: {src} has other settings; not reused", flush=True)
+            continue
+        write_json_atomic(dst, {**res, "reused_from": src.as_posix(), "reuse_unmatched_keys": unmatched})
+        copied.append(run.run_id)
+    return copied
 
 
 def _git_commit() -> str:
@@ -230,6 +285,9 @@ def run_grid(spec: GridSpec, *, only: list[str] | None = None, force: bool = Fal
     for o in only or []:
         if o not in ids:
             raise ConfigError(f"--only {o!r} is not a run of this grid; `fastnft grid --spec ... --list` lists them")
+    if not force:
+        for rid in reuse_finished_runs(spec):
+            print(f"[grid] {rid}: reused from {spec.reuse_results}", flush=True)
     done = []
     for run in runs:
         if only and run.run_id not in only:

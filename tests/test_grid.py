@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastnft.config import ConfigError
-from fastnft.grid import grid_runs, load_grid_spec, result_path, run_grid, summarize_grid
+from fastnft.grid import grid_runs, load_grid_spec, result_path, reuse_finished_runs, run_grid, summarize_grid
 from fastnft.report import paired_diff_interval
 
 
@@ -23,8 +23,8 @@ def test_paired_interval_counts_only_changed_episodes():
         paired_diff_interval([1, 0], [1])
 
 
-def _write(tmp_path, text):
-    p = tmp_path / "grid.yaml"
+def _write(tmp_path, text, name="grid.yaml"):
+    p = tmp_path / name
     p.write_text(text)
     return p
 
@@ -39,6 +39,9 @@ def test_spec_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="seeds"):
         load_grid_spec(_write(tmp_path, "base_config: a\nresults_dir: r\nrun_root: x\nstarts: {a: []}\n"
                                         "arms: [{name: s, seeds: []}]\n"))
+    with pytest.raises(ConfigError, match="reuse_results"):
+        load_grid_spec(_write(tmp_path, "base_config: a\nresults_dir: r\nrun_root: x\nstarts: {a: []}\n"
+                                        "arms: [{name: s, seeds: [0]}]\nreuse_results: [results/grid]\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_grid_spec(tmp_path / "missing.yaml")
 
@@ -96,6 +99,19 @@ arms:
     assert z["diagnostics_mean"] == r["diagnostics_mean"] and "signal/cos_halves" in z["diagnostics_mean"]
     assert f"| zero | a | 0 | {100 * z['start_success']:.2f} % -> {100 * z['final_success']:.2f} % |" in table
     assert "| stepnft | 1 |" in table and "needs 2 runs" in table
+
+    # a lever grid reuses this grid's finished run of the same id and settings, and reruns one whose differ
+    lever_path = _write(tmp_path, spec_path.read_text().replace(f"results_dir: {res}", f"results_dir: {res}_lever")
+                        .replace("train.label_control=zero]", "train.label_control=zero, train.lr=0.5]")
+                        + f"reuse_results: {res}\n", name="lever.yaml")
+    lever = load_grid_spec(lever_path)
+    assert lever.reuse_results == str(res)
+    assert reuse_finished_runs(lever) == ["a__stepnft__s0"]
+    copy = json.loads(result_path(lever, "a__stepnft__s0").read_text())
+    assert copy["reused_from"] == result_path(spec, "a__stepnft__s0").as_posix()
+    assert copy["history"] == stepnft["history"]
+    assert not result_path(lever, "a__zero__s0").exists()  # train.lr differs: not the same run
+    assert reuse_finished_runs(lever) == []  # already there
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs/grids").glob("*.yaml")), ids=str)
