@@ -82,11 +82,6 @@ def collective_device() -> torch.device:
 _OWNER_VAR = "FASTNFT_SINGLE_PROCESS_PID"
 
 
-# The MASTER_PORT of the single-process world this process made itself (empty otherwise): shutdown_distributed
-# removes those variables again so that a later group picks a fresh port instead of the released one.
-_self_made: list[str] = []
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -138,7 +133,6 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
         port = str(_free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                           **{_OWNER_VAR: f"{os.getpid()}:{port}"})
-        _self_made[:] = [port]
     else:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -165,10 +159,11 @@ def shutdown_distributed() -> None:
         return
     barrier()
     dist.destroy_process_group()
-    if _self_made and os.environ.get("MASTER_PORT") == _self_made[0]:
+    if os.environ.get(_OWNER_VAR) == f"{os.getpid()}:{os.environ.get('MASTER_PORT')}":
+        # this process made the single-process world: drop its variables so that a later group picks a fresh
+        # port instead of the released one (a launcher's variables stay)
         for k in (*_LAUNCH_VARS, _OWNER_VAR):
             os.environ.pop(k, None)
-    _self_made.clear()
 
 
 def rank() -> int:
