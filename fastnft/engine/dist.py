@@ -82,6 +82,11 @@ def collective_device() -> torch.device:
 _OWNER_VAR = "FASTNFT_SINGLE_PROCESS_PID"
 
 
+def _owner_tag(port: str | None) -> str:
+    """The value of ``FASTNFT_SINGLE_PROCESS_PID`` for a single-process world this process made on ``port``."""
+    return f"{os.getpid()}:{port}"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -117,7 +122,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
         return rank(), world_size()
     ensure_extensions_dir()
     owner = os.environ.pop(_OWNER_VAR, None)
-    if owner is not None and owner != f"{os.getpid()}:{os.environ.get('MASTER_PORT')}" \
+    if owner is not None and owner != _owner_tag(os.environ.get("MASTER_PORT")) \
             and owner.endswith(f":{os.environ.get('MASTER_PORT')}") and os.environ.get("WORLD_SIZE") == "1":
         # Inherited unchanged from a parent that made its own single-process world (a script or test that trains,
         # then starts `fastnft ...`): not a launch of this process, and MASTER_PORT is the parent's, in use.
@@ -132,7 +137,7 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
     if not present:  # one plain process: a world of size 1 on localhost
         port = str(_free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                          **{_OWNER_VAR: f"{os.getpid()}:{port}"})
+                          **{_OWNER_VAR: _owner_tag(port)})
     else:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -159,7 +164,7 @@ def shutdown_distributed() -> None:
         return
     barrier()
     dist.destroy_process_group()
-    if os.environ.get(_OWNER_VAR) == f"{os.getpid()}:{os.environ.get('MASTER_PORT')}":
+    if os.environ.get(_OWNER_VAR) == _owner_tag(os.environ.get("MASTER_PORT")):
         # this process made the single-process world: drop its variables so that a later group picks a fresh
         # port instead of the released one (a launcher's variables stay)
         for k in (*_LAUNCH_VARS, _OWNER_VAR):
