@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from fastnft.config import ExperimentConfig, load_config
+from fastnft.loop.rollout import RolloutBuffer, run_episodes
 from fastnft.nft import stepnft_loss
 from fastnft.policies.state_flow import StateFlowPolicy
-from fastnft.rollout import RolloutBuffer, run_episodes
 from fastnft.sde import flow_sde_schedule
 
 N_ENVS = 8
@@ -129,7 +129,7 @@ def test_update(benchmark):
     buf = buf.to(engine.device)  # the data goes to the actor's device (CUDA on a GPU host)
     sch = flow_sde_schedule(cfg.policy.num_steps, cfg.nft.noise_level).to(device=engine.device, dtype=torch.float32)
     from fastnft.devices import make_generator
-    from fastnft.update import update_actor
+    from fastnft.loop.update import update_actor
 
     g = make_generator(engine.device, 0)
 

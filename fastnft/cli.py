@@ -34,7 +34,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 
 def _cmd_demos(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
-    from fastnft.demos import demo_path, generate_demos
+    from fastnft.experiments.demos import demo_path, generate_demos
 
     cfg = load_config(args.config, args.overrides)
     path = generate_demos(cfg, demo_path(cfg), num_demos=cfg.demos.num_demos)
@@ -43,7 +43,7 @@ def _cmd_demos(args: argparse.Namespace) -> None:
 
 def _cmd_sft(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
-    from fastnft.sft import run_sft_stage
+    from fastnft.experiments.sft import run_sft_stage
 
     cfg = load_config(args.config, args.overrides)
     path, meta = run_sft_stage(cfg, force=args.force, progress=not args.no_progress)
@@ -64,9 +64,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
     from fastnft.devices import resolve_device
     from fastnft.envs import make_env
-    from fastnft.evaluate import evaluate_policy
+    from fastnft.experiments.sft import sft_checkpoint_path
+    from fastnft.loop.evaluate import evaluate_policy
     from fastnft.policies.io import load_policy, load_run_policy
-    from fastnft.sft import sft_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
@@ -93,7 +93,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_pipeline(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
-    from fastnft.pipeline import ABLATIONS, run_pipeline
+    from fastnft.experiments.pipeline import ABLATIONS, run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     abl = list(ABLATIONS) if args.ablations == "all" else [a for a in (args.ablations or "").split(",") if a]
@@ -104,7 +104,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def _cmd_grid(args: argparse.Namespace) -> None:
-    from fastnft.grid import (
+    from fastnft.experiments.grid import (
         grid_runs,
         load_grid_spec,
         result_path,

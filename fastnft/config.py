@@ -251,7 +251,7 @@ class NFTConfig:
     score: Literal["success", "dense"] = "success"
     """Episode outcome behind the labels (S4): ``success`` (0/1, the paper) or ``dense``, a soft score in [0, 1]
     from the env's per-step reward in [0, 1] (ManiSkill ``normalized_dense``), with the steps after a success
-    counted at reward 1 (``fastnft.rollout.dense_episode_score``). Dense grades failures by how far they got."""
+    counted at reward 1 (``fastnft.loop.rollout.dense_episode_score``). Dense grades failures by how far they got."""
     baseline: Literal["none", "batch", "group"] = "none"
     """Label baseline (S4 soft score): ``none`` y = 2s - 1 (the paper); ``batch`` y = s - mean(s) over the
     iteration; ``group`` y = s - mean of the ``train.group_size`` rollouts from the same initial state."""
@@ -363,7 +363,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the RL run (rollout noise, step indices, shuffling)."""
     label_control: Literal["none", "shuffled", "zero"] = "none"
-    """Label control experiment (issue 6): ``none`` trains on the real labels; ``shuffled`` permutes the episode
+    """Label control experiment: ``none`` trains on the real labels; ``shuffled`` permutes the episode
     labels across the iteration's episodes (same label distribution, no relation to the injected noise);
     ``zero`` sets every label to 0, so only the KL term and the EMA machinery move the policy."""
     lr_warmup: int = 0

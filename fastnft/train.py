@@ -1,4 +1,4 @@
-"""π-StepNFT online fine-tuning: parse, build, train, tear down. The loop lives in :mod:`fastnft.trainer`.
+"""π-StepNFT online fine-tuning: parse, build, train, tear down. The loop lives in :mod:`fastnft.loop.trainer`.
 
 Launch (one process, no launcher needed; several ranks through DeepSpeed or torchrun):
 
@@ -45,9 +45,9 @@ def run_train(args: argparse.Namespace) -> dict:
     from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.experiments.sft import sft_checkpoint_path
+    from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.factory import build_flow_policy
-    from fastnft.sft import sft_checkpoint_path
-    from fastnft.trainer import StepNFTTrainer
 
     cfg = load_config(args.config, args.overrides)
     fdist.init_distributed(device=resolve_device(cfg.device))  # gloo for device: cpu, also on a CUDA host

@@ -23,13 +23,13 @@ import torch
 
 from fastnft.config import load_config
 from fastnft.envs import make_env
+from fastnft.experiments.sft import sft_checkpoint_path
 from fastnft.kernels import get_sde_step
+from fastnft.loop.rollout import episode_labels, run_episodes
+from fastnft.loop.update import buffer_loss
 from fastnft.nft import stepnft_loss
 from fastnft.policies.io import load_policy
-from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
-from fastnft.sft import sft_checkpoint_path
-from fastnft.update import buffer_loss
 
 
 def per_episode_grads(policy, buf, sch, nft, C, ep_labels):

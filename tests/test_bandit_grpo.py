@@ -16,8 +16,8 @@ import torch
 from fastnft.config import load_config
 from fastnft.envs import make_env
 from fastnft.envs.bandit import bandit_demo_dataset
-from fastnft.sft import build_policy, train_sft
-from fastnft.trainer import StepNFTTrainer
+from fastnft.experiments.sft import build_policy, train_sft
+from fastnft.loop.trainer import StepNFTTrainer
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ except Exception as e:  # noqa: BLE001 - any import failure means skip; broken i
 if not _OK:
     pytest.skip(f"ManiSkill3 unusable here: {_WHY}", allow_module_level=True)
 
-from fastnft.demos import DemoError, demo_file, generate_demos, load_demos
 from fastnft.envs.maniskill import ManiSkillVectorEnv
+from fastnft.experiments.demos import DemoError, demo_file, generate_demos, load_demos
 
 SEED = 500_000
 IS_GRASPED = 18  # PickCube-v1 state layout: qpos 9, qvel 9, is_grasped 1, ...

@@ -11,7 +11,7 @@ import torch
 
 from fastnft.config import load_config
 from fastnft.envs.bandit import bandit_demo_dataset
-from fastnft.sft import build_policy, train_sft
+from fastnft.experiments.sft import build_policy, train_sft
 
 
 def _sft(cfg, data, seed):
@@ -30,8 +30,8 @@ def test_sft_is_bit_reproducible_and_depends_on_its_seed():
 
 
 def _train(tmp, name, env, blob, cfg):
+    from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.state_flow import StateFlowPolicy
-    from fastnft.trainer import StepNFTTrainer
 
     cfg = dataclasses.replace(cfg, run_dir=str(tmp / name))
     torch.randn(7)

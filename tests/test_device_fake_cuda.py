@@ -1,9 +1,9 @@
 """Device truth on a CPU-only machine: one training iteration on fake CUDA tensors (issue 7, part 2).
 
-``fastnft.fakecuda.fake_cuda`` runs the block under FakeTensorMode with CUDA reported present: every tensor made
+``fastnft.testing.fakecuda.fake_cuda`` runs the block under FakeTensorMode with CUDA reported present: every tensor made
 for the resolved device is a fake ``cuda:0`` tensor, and any op that mixes it with a CPU tensor raises. On top,
 every draw that passes a generator is audited (generator device vs drawn tensor's device). The test drives the
-real :class:`~fastnft.trainer.StepNFTTrainer`: EMA rollouts with policy sampling on a device env, labels, the
+real :class:`~fastnft.loop.trainer.StepNFTTrainer`: EMA rollouts with policy sampling on a device env, labels, the
 update with the reference loss, the EMA update, evaluation, and the checkpoint state.
 
 What cannot run on fake CUDA with a CPU build of torch, and how the test handles it:
@@ -24,11 +24,11 @@ import pytest
 import torch
 
 import fastnft.engine as fengine
-import fastnft.trainer as trainer_mod
+import fastnft.loop.trainer as trainer_mod
 from fastnft.config import load_config
 from fastnft.envs.base import VectorEnv
-from fastnft.fakecuda import fake_cuda
 from fastnft.policies.state_flow import StateFlowPolicy
+from fastnft.testing.fakecuda import fake_cuda
 
 CUDA0 = torch.device("cuda", 0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastnft.doctor_checks import CHECKS, NO_CUDA
+from fastnft.doctor.checks import CHECKS, NO_CUDA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_unknown_check_name_is_an_input_error(tmp_path):
 
 
 def test_a_failing_check_is_a_fail_row_and_the_others_still_run(monkeypatch):
-    import fastnft.doctor_checks as dc
+    import fastnft.doctor.checks as dc
     from fastnft.doctor import format_results, run_doctor
 
     def boom():
@@ -64,7 +64,7 @@ def test_a_failing_check_is_a_fail_row_and_the_others_still_run(monkeypatch):
 
 
 def test_checks_after_the_time_budget_are_skipped(monkeypatch):
-    import fastnft.doctor_checks as dc
+    import fastnft.doctor.checks as dc
     from fastnft.doctor import run_doctor
 
     monkeypatch.setattr(dc, "CHECKS", [dc.Check("a", lambda: "ran", False, "", isolate=False)])

@@ -32,6 +32,6 @@ def test_gpu_scene_outputs_stay_on_the_device():
 
 
 def test_two_training_iterations_on_the_gpu_scene():
-    from fastnft.doctor_checks import maniskill_gpu
+    from fastnft.doctor.checks import maniskill_gpu
 
     assert "2 iterations" in maniskill_gpu()

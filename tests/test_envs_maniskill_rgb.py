@@ -44,7 +44,7 @@ def test_config_rgb_fields_and_instruction():
 
 def test_demos_refuse_rgb(tmp_path):
     from fastnft.config import ExperimentConfig, PolicyConfig
-    from fastnft.demos import generate_demos
+    from fastnft.experiments.demos import generate_demos
 
     cfg = ExperimentConfig(env=EnvConfig(obs_mode="rgb"), policy=PolicyConfig(kind="pi0"))
     with pytest.raises(ConfigError, match=r"'env.obs_mode'.*state-only"):

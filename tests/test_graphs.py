@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastnft.config import PolicyConfig
-from fastnft.graphs import GraphedSampler, graphs_enabled
+from fastnft.loop.graphs import GraphedSampler, graphs_enabled
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.sde import flow_sde_schedule
 
@@ -43,7 +43,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
 @pytest.mark.gpu
 @gpu
 def test_graph_replay_equals_eager_draws_new_noise_and_never_syncs():
-    from fastnft.doctor_checks import cuda_graph
+    from fastnft.doctor.checks import cuda_graph
 
     cuda_graph()  # raises with the reason on any mismatch
 
@@ -69,7 +69,7 @@ def test_graphed_rollout_keeps_the_buffer_on_the_device():
     from fastnft.config import NFTConfig
     from fastnft.devices import make_generator
     from fastnft.envs.bandit import BanditEnv
-    from fastnft.rollout import run_episodes
+    from fastnft.loop.rollout import run_episodes
 
     dev = torch.device("cuda", 0)
     pol = _policy().to(dev)

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from fastnft.config import ConfigError
-from fastnft.grid import grid_runs, load_grid_spec, result_path, reuse_finished_runs, run_grid, summarize_grid
+from fastnft.experiments.grid import (
+    grid_runs,
+    load_grid_spec,
+    result_path,
+    reuse_finished_runs,
+    run_grid,
+    summarize_grid,
+)
 from fastnft.report import paired_diff_interval
 
 

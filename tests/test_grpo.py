@@ -6,8 +6,8 @@ import torch
 from torch.distributions import Normal
 
 from fastnft.config import ConfigError, load_config
+from fastnft.loop.rollout import control_labels, grpo_advantages
 from fastnft.nft import grpo_loss, grpo_terms
-from fastnft.rollout import control_labels, grpo_advantages
 from fastnft.sde import flow_sde_schedule
 
 
@@ -219,8 +219,8 @@ def test_config_grpo_validation(override, needle):
 def _bandit_buffer(algo="grpo", label_control="none", G=4, seed=0):
     from fastnft.config import NFTConfig, PolicyConfig
     from fastnft.envs.bandit import BanditEnv
+    from fastnft.loop.rollout import run_episodes
     from fastnft.policies.state_flow import StateFlowPolicy
-    from fastnft.rollout import run_episodes
 
     torch.manual_seed(0)
     policy = StateFlowPolicy(4, 2, PolicyConfig(horizon=4, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4))
@@ -250,7 +250,7 @@ def test_update_path_dispatches_on_algo():
     """buffer_loss with a grpo config equals grpo_loss on the same rows; the diagnostics report ratio statistics
     (ratio 1 and no clipping when actor == rollout policy) and the gradient-signal diagnostic runs."""
     from fastnft.config import GRPOConfig, NFTConfig
-    from fastnft.update import buffer_loss, gradient_signal, loss_diagnostics
+    from fastnft.loop.update import buffer_loss, gradient_signal, loss_diagnostics
 
     policy, buf, _, sch = _bandit_buffer()
     sch = sch.to(dtype=torch.float32)

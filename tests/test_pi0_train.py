@@ -18,6 +18,8 @@ from kill_helpers import kill_after_checkpoint
 from fastnft.config import ConfigError, NFTConfig, load_config
 from fastnft.engine.checkpoint import load_latest
 from fastnft.envs.base import STATE_KEY, TASK_KEY, VectorEnv, image_key
+from fastnft.loop.rollout import run_episodes
+from fastnft.loop.update import buffer_loss
 from fastnft.metrics import read_jsonl
 from fastnft.nft import stepnft_loss
 from fastnft.policies.factory import build_flow_policy
@@ -25,9 +27,7 @@ from fastnft.policies.pi0 import Pi0Policy, PrefixContext
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.processor import Pi0Processor
 from fastnft.policies.tokenizer import ByteTokenizer
-from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
-from fastnft.update import buffer_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pickcube_pi0_tiny.yaml"

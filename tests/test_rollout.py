@@ -5,9 +5,9 @@ import torch
 
 from fastnft.config import NFTConfig, PolicyConfig
 from fastnft.envs.base import VectorEnv
+from fastnft.loop.rollout import episode_labels, run_episodes
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.report import wilson_interval
-from fastnft.rollout import episode_labels, run_episodes
 from fastnft.sde import flow_sde_schedule
 
 
@@ -95,7 +95,7 @@ def test_wilson_interval_brackets_rate():
 def test_control_labels_shuffle_keeps_distribution_and_zero_clears():
     """Issue 6 controls: shuffled labels are a permutation of the real ones (same distribution, new order); zero
     labels are all 0; none returns the labels untouched; an unknown mode is refused."""
-    from fastnft.rollout import control_labels
+    from fastnft.loop.rollout import control_labels
 
     y = torch.tensor([1.0, -1.0, 0.5, -0.25, 0.0, 0.75, -0.5, 1.0])
     g = torch.Generator().manual_seed(3)
@@ -111,7 +111,7 @@ def test_control_labels_shuffle_keeps_distribution_and_zero_clears():
 def test_dense_episode_score_orders_outcomes():
     """S4 soft score: success beats any failure, earlier success beats later, a failure that got further beats one
     that did not; all in [0, 1]."""
-    from fastnft.rollout import dense_episode_score
+    from fastnft.loop.rollout import dense_episode_score
 
     ret = torch.tensor([20.0, 40.0, 30.0, 10.0])
     steps = torch.tensor([30, 60, 100, 100])
@@ -123,7 +123,7 @@ def test_dense_episode_score_orders_outcomes():
 
 
 def _signal_buffer(n_ep, informative, seed=0):
-    from fastnft.rollout import RolloutBuffer
+    from fastnft.loop.rollout import RolloutBuffer
 
     g = torch.Generator().manual_seed(seed)
     sch = flow_sde_schedule(4, 0.2).to(dtype=torch.float32)
@@ -163,8 +163,8 @@ class _Linear(torch.nn.Module):
 def test_gradient_signal_separates_informative_from_random_labels():
     """Issue 6 diagnostics: labels that depend on the injected noise give halves that agree and a gradient the
     labels explain; labels independent of the noise give neither."""
+    from fastnft.loop.update import gradient_signal
     from fastnft.nft import stepnft_loss
-    from fastnft.update import gradient_signal
 
     nft = NFTConfig(max_drift=None)
     good, bad = [], []

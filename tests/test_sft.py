@@ -2,11 +2,12 @@
 
 import torch
 
+from fastnft.chunks import ChunkDataset, chunks_from_episodes
 from fastnft.config import ExperimentConfig, PolicyConfig, SFTConfig
-from fastnft.demos import ChunkDataset, chunks_from_episodes, demo_path
+from fastnft.experiments.demos import demo_path
+from fastnft.experiments.sft import build_policy, sft_checkpoint_path, sft_key, train_sft
 from fastnft.policies.state_flow import StateFlowPolicy
 from fastnft.sde import flow_sde_schedule
-from fastnft.sft import build_policy, sft_checkpoint_path, sft_key, train_sft
 
 
 def test_sft_fits_conditional_gaussian():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastnft.demos import ChunkDataset
+from fastnft.chunks import ChunkDataset
 from fastnft.envs.base import VectorEnv
 
 __all__ = ["BanditEnv", "bandit_target"]
@@ -73,7 +73,7 @@ def bandit_demo_dataset(num: int, chunk: int, seed: int = 0, offset_std: float =
     dims ``N(0, 0.3^2)``.
 
     Returns:
-        :class:`fastnft.demos.ChunkDataset` with ``num`` chunks ``[num, chunk, act_dim]`` and no padding.
+        :class:`fastnft.chunks.ChunkDataset` with ``num`` chunks ``[num, chunk, act_dim]`` and no padding.
     """
     g = torch.Generator().manual_seed(seed)
     obs = torch.randn(num, obs_dim, generator=g)

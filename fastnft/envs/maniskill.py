@@ -17,7 +17,7 @@ Two backends behind one class, :class:`ManiSkillVectorEnv`:
 
 SAPIEN needs a Vulkan device even for state observations; on a CPU-only machine that is Mesa lavapipe >= 24.3
 (installed by ``bash scripts/install.sh``). :func:`make_single_env` builds exactly the env one CPU worker runs,
-so demonstrations recorded with it (:mod:`fastnft.demos`) see the same observations as the vector env.
+so demonstrations recorded with it (:mod:`fastnft.experiments.demos`) see the same observations as the vector env.
 
 Two observation modes (``EnvConfig.obs_mode``):
 

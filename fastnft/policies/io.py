@@ -70,7 +70,7 @@ def load_run_policy(run_dir: str | Path, cfg: ExperimentConfig, init: str | Path
     """The EMA (rollout/deployed) policy of a training run's latest checkpoint.
 
     Starts from the run's initial policy file ``init`` (the file the run trained from, which carries the normalisers;
-    usually :func:`fastnft.sft.sft_checkpoint_path` of ``cfg``) and loads the checkpoint's EMA weights into it.
+    usually :func:`fastnft.experiments.sft.sft_checkpoint_path` of ``cfg``) and loads the checkpoint's EMA weights into it.
 
     Returns:
         ``(policy, iteration)``.

@@ -15,7 +15,7 @@ Pipeline per episode seed ``cfg.demos.seed + k`` (k = 0, 1, ...; failed seeds ar
    get wrong after the first episode).
 
 A config's demonstrations live in :func:`demo_path` (``<data_dir>/<demos.path>``); :func:`load_demo_episodes` reads
-them back and :func:`chunks_from_episodes` turns episodes into the SFT training pairs (:class:`ChunkDataset`).
+them back and :func:`fastnft.chunks.chunks_from_episodes` turns episodes into the SFT training pairs.
 
 File ``<out_dir>/<task>_<control_mode>.npz`` (see :func:`demo_file`; no pickles, ``np.load(allow_pickle=False)``):
 
@@ -31,21 +31,19 @@ File ``<out_dir>/<task>_<control_mode>.npz`` (see :func:`demo_file`; no pickles,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from fastnft.atomic import atomic_write
 
 if TYPE_CHECKING:
     from fastnft.config import ExperimentConfig
 
-__all__ = ["ChunkDataset", "DemoEpisode", "DemoError", "DemoSet", "chunks_from_episodes", "demo_file", "demo_path",
+__all__ = ["DemoEpisode", "DemoError", "DemoSet", "demo_file", "demo_path",
            "generate_demos", "load_demo_episodes", "load_demos", "save_demos"]
 
 FORMAT_VERSION = 1
@@ -129,53 +127,6 @@ def load_demo_episodes(cfg: ExperimentConfig) -> list[tuple[Any, Any]]:
     return [(ep.obs, ep.actions) for ep in ds.episodes]
 
 
-# -- SFT chunks ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class ChunkDataset:
-    """Supervised pairs (observation, action chunk).
-
-    Attributes:
-        obs: ``[M, obs_dim]`` float32 raw observations.
-        actions: ``[M, H, act_dim]`` float32 raw env actions starting at that observation.
-        is_pad: ``[M, H]`` bool, True where the chunk ran past the episode end (padded with the last action,
-            excluded from the loss).
-    """
-
-    obs: Tensor
-    actions: Tensor
-    is_pad: Tensor
-
-    def __len__(self) -> int:
-        return int(self.obs.shape[0])
-
-
-def chunks_from_episodes(episodes: Sequence[tuple[np.ndarray, np.ndarray]], horizon: int) -> ChunkDataset:
-    """One chunk per time step of every episode.
-
-    Args:
-        episodes: ``(obs [T+1 or T, obs_dim], actions [T, act_dim])`` per episode.
-        horizon: H.
-
-    Raises:
-        ValueError: an episode with no actions, or observations shorter than the actions.
-    """
-    obs_l, act_l, pad_l = [], [], []
-    for k, (obs, act) in enumerate(episodes):
-        obs, act = np.asarray(obs, np.float32), np.asarray(act, np.float32)
-        T = act.shape[0]
-        if T == 0 or obs.shape[0] < T:
-            raise ValueError(f"demo episode {k}: needs >= 1 action and one observation per action, "
-                             f"got obs {obs.shape} actions {act.shape}")
-        idx = np.arange(T)[:, None] + np.arange(horizon)[None, :]
-        pad = idx >= T
-        obs_l.append(obs[:T])
-        act_l.append(act[np.minimum(idx, T - 1)])
-        pad_l.append(pad)
-    return ChunkDataset(obs=torch.from_numpy(np.concatenate(obs_l)), actions=torch.from_numpy(np.concatenate(act_l)),
-                        is_pad=torch.from_numpy(np.concatenate(pad_l)))
-
-
 # -- file I/O ---------------------------------------------------------------------------------------------------
 
 def save_demos(demos: DemoSet, path: str | Path) -> Path:
@@ -223,7 +174,7 @@ def load_demos(path: str | Path, *, env_id: str | None = None, control_mode: str
             mode. The message names the file and the fix (regenerate with ``generate_demos``).
     """
     path = Path(path)
-    fix = "fix: (re)generate it with fastnft.demos.generate_demos(cfg, out_dir) (delete the file first if corrupt)"
+    fix = "fix: (re)generate it with fastnft.experiments.demos.generate_demos(cfg, out_dir) (delete the file first if corrupt)"
     if not path.is_file():
         raise DemoError(f"demo file {str(path)!r} does not exist; {fix}")
     try:

@@ -21,16 +21,16 @@ from fastnft.devices import make_generator, resolve_device
 from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
-from fastnft.evaluate import evaluate_policy
-from fastnft.graphs import GraphedSampler
 from fastnft.kernels import get_sde_step, get_stepnft_loss
+from fastnft.loop.evaluate import evaluate_policy
+from fastnft.loop.graphs import GraphedSampler
+from fastnft.loop.rollout import run_episodes
+from fastnft.loop.update import gradient_signal, loss_diagnostics, update_actor
 from fastnft.metrics import MetricsWriter
 from fastnft.nft import grpo_loss
 from fastnft.policies.base import FlowPolicy
 from fastnft.profiling import PhaseTimers, ProfileWindow
-from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
-from fastnft.update import gradient_signal, loss_diagnostics, update_actor
 
 __all__ = ["StepNFTTrainer"]
 

@@ -13,9 +13,9 @@ import torch.distributed as tdist
 from fastnft.devices import make_generator
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
+from fastnft.loop.rollout import run_episodes
 from fastnft.policies.base import FlowPolicy
 from fastnft.report import wilson_interval
-from fastnft.rollout import run_episodes
 from fastnft.sde import flow_sde_schedule
 
 __all__ = ["evaluate_policy"]

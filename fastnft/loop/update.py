@@ -18,8 +18,8 @@ from torch import Tensor
 
 from fastnft.config import GRPOConfig, NFTConfig
 from fastnft.devices import check_generator
+from fastnft.loop.rollout import RolloutBuffer
 from fastnft.nft import grpo_terms, masked_token_mean, stepnft_terms
-from fastnft.rollout import RolloutBuffer
 from fastnft.sde import FlowSDESchedule
 
 __all__ = ["LossFn", "buffer_loss", "gradient_signal", "grpo_loss_kwargs", "loss_diagnostics", "nft_loss_kwargs",
@@ -134,7 +134,7 @@ def _flat_grad(module: torch.nn.Module, loss: Tensor) -> Tensor:
 def gradient_signal(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESchedule, nft: NFTConfig, C: int,
                     loss_fn: LossFn, generator: torch.Generator, max_rows: int = 4096,
                     grpo: GRPOConfig | None = None) -> dict[str, float]:
-    """Does this iteration's gradient carry label signal? Two diagnostics on the live actor (issue 6).
+    """Does this iteration's gradient carry label signal? Two diagnostics on the live actor.
 
     - ``signal/cos_halves``: cosine between the loss gradients of two random halves of the buffer, split by
       episode (rows of one episode share a label). Pure noise gives ~0; a shared direction gives > 0. For a

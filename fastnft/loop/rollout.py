@@ -180,7 +180,7 @@ def grpo_advantages(success: Tensor, group_size: int, eps: float = 1e-4) -> Tens
 
 
 def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Tensor:
-    """Per-episode labels of a control run (issue 6): the real ones, permuted, or zeros.
+    """Per-episode labels of a control run: the real ones, permuted, or zeros.
 
     Args:
         labels: ``[E]`` float32 per-episode labels from :func:`episode_labels`.
@@ -244,7 +244,7 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
         algo: ``stepnft`` (S4 labels) or ``grpo`` (``y`` = :func:`grpo_advantages` over groups of
             ``group_size``; the label control then applies to the advantages).
         adv_eps: the advantage's std epsilon (``grpo`` only).
-        sampler: object with ``policy.sample``'s signature (``fastnft.graphs.GraphedSampler``: CUDA-graph replays);
+        sampler: object with ``policy.sample``'s signature (``fastnft.loop.graphs.GraphedSampler``: CUDA-graph replays);
             None = ``policy.sample``. Its output is only read (indexed, hence copied) before the next call.
 
     Returns:

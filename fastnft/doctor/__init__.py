@@ -5,7 +5,7 @@
 
 Prints a pass / fail / skipped table with the seconds each check took and writes the same as JSON. Without CUDA
 the CPU-side checks run and every GPU check is listed as skipped, with the reason. The checks live in
-:mod:`fastnft.doctor_checks`; the whole run is bounded to about ten minutes on one GPU. Exit status: 0 when no
+:mod:`fastnft.doctor.checks`; the whole run is bounded to about ten minutes on one GPU. Exit status: 0 when no
 check failed, 1 otherwise.
 """
 
@@ -50,7 +50,7 @@ def run_doctor(only: list[str] | None = None, budget_s: float = 600.0) -> list[C
     Raises:
         ValueError: a name in ``only`` is not a check.
     """
-    from fastnft.doctor_checks import CHECKS, NO_CUDA, Skip, run_in_child
+    from fastnft.doctor.checks import CHECKS, NO_CUDA, Skip, run_in_child
 
     names = [c.name for c in CHECKS]
     unknown = [n for n in (only or []) if n not in names]

@@ -4,7 +4,7 @@ Each check returns a one-line detail string on success and raises on failure; a 
 machine raises :class:`Skip` with the reason. GPU checks skip without CUDA. Every check is bounded in time (tiny
 configs, few iterations) so that the whole doctor stays within ten minutes on one GPU.
 
-All but the two trivial checks run in a child process each (``python -m fastnft.doctor_checks NAME``): a
+All but the two trivial checks run in a child process each (``python -m fastnft.doctor.checks NAME``): a
 process holds one DeepSpeed accelerator and one process group for its lifetime, so a CPU check must not pin them
 for the GPU checks after it; ``TRITON_INTERPRET`` must be set (or not) before the kernels are defined; and a
 crashing CUDA check must not take the table down.
@@ -92,7 +92,7 @@ def spec_math() -> str:
 
 def kernels_interpreted() -> str:
     """The fused kernels under the Triton interpreter on CPU (fp32, every S8 variant, strided, C = 1, D = 1)."""
-    from fastnft.doctor_kernels import main
+    from fastnft.doctor.kernels import main
 
     return main("cpu")
 
@@ -107,7 +107,7 @@ def bandit_cpu() -> str:
 def kernels_cuda() -> str:
     """Compiled kernels vs the float64 reference: every S8 variant, fp32/bf16/fp16, strided, C = 1 and D = 1."""
     _need_cuda()
-    from fastnft.doctor_kernels import main
+    from fastnft.doctor.kernels import main
 
     return main("cuda")
 
@@ -150,8 +150,8 @@ def cuda_graph() -> str:
     dev = _need_cuda()
     from fastnft.config import PolicyConfig
     from fastnft.devices import make_generator
-    from fastnft.graphs import GraphedSampler
     from fastnft.kernels import get_sde_step
+    from fastnft.loop.graphs import GraphedSampler
     from fastnft.policies.state_flow import StateFlowPolicy
     from fastnft.sde import flow_sde_schedule
 
@@ -306,7 +306,7 @@ def _bandit_yaml(tmp: Path) -> Path:
 
 def _bandit_policy(cfg):
     from fastnft.envs.bandit import bandit_demo_dataset
-    from fastnft.sft import build_policy, train_sft
+    from fastnft.experiments.sft import build_policy, train_sft
 
     data = bandit_demo_dataset(256, cfg.policy.horizon, seed=0)
     policy = build_policy(data, cfg.policy)
@@ -325,7 +325,7 @@ def _bandit_init_file(tmp: Path) -> Path:
 def _bandit(device: torch.device, iterations: int, extra: list[str] | None = None) -> list[dict]:
     from fastnft.config import load_config
     from fastnft.envs import make_env
-    from fastnft.trainer import StepNFTTrainer
+    from fastnft.loop.trainer import StepNFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [*_bandit_overrides(Path(tmp) / "run", device.type), "sft.steps=30",
@@ -355,8 +355,8 @@ def _bandit_gpu(kernels: str, dtype: str) -> str:
 def _pickcube_gpu(iterations: int) -> list[dict]:
     from fastnft.config import load_config
     from fastnft.envs import make_env
+    from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.state_flow import StateFlowPolicy
-    from fastnft.trainer import StepNFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"run_dir={tmp}/run", "device=cuda", "env.sim_backend=gpu", "env.num_envs=16",
@@ -384,7 +384,7 @@ def run_in_child(check: Check, timeout: float | None = None) -> tuple[str, str]:
         else:
             env[k] = v
     try:
-        out = subprocess.run([sys.executable, "-m", "fastnft.doctor_checks", check.name], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "fastnft.doctor.checks", check.name], capture_output=True,
                              text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         return "fail", f"timed out after {timeout:.0f} s"

@@ -1,5 +1,5 @@
 """Kernel check of ``fastnft doctor`` (``kernels_interpreted`` / ``kernels_cuda``; also ``python -m
-fastnft.doctor_kernels cuda|cpu``). The doctor runs it in a child whose ``TRITON_INTERPRET`` is set (cpu) or unset
+fastnft.doctor.kernels cuda|cpu``). The doctor runs it in a child whose ``TRITON_INTERPRET`` is set (cpu) or unset
 (cuda) before the kernels are defined. Compares
 the fused StepNFT loss (value and gradient) with the float64 reference for every S8 variant, on strided
 ``[:, :C]`` slices of ``[N, H, D]`` inputs and on the edge shapes C = 1 and D = 1, in float32, bfloat16 and

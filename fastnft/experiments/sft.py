@@ -1,7 +1,7 @@
 """Few-shot supervised flow-matching initialisation (SFT), and the SFT stage of the CLI commands.
 
 :func:`run_sft_stage` trains (or reuses) the SFT policy file of a config, ``<data_dir>/sft/...pt``
-(:func:`sft_checkpoint_path`), from the demonstrations of :mod:`fastnft.demos`.
+(:func:`sft_checkpoint_path`), from the demonstrations of :mod:`fastnft.experiments.demos`.
 
 Loss (SPEC notation): ``x_t = t eps + (1 - t) a``, target velocity ``u = eps - a``,
 ``L = mean over valid tokens and D of (v_theta(x_t, t, obs) - u)^2``; ``t`` drawn as in pi0
@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fastnft.chunks import ChunkDataset, chunks_from_episodes
 from fastnft.config import ConfigError, ExperimentConfig, PolicyConfig, SFTConfig, config_to_dict
-from fastnft.demos import ChunkDataset, chunks_from_episodes, demo_path, load_demo_episodes
 from fastnft.devices import resolve_device
+from fastnft.experiments.demos import demo_path, load_demo_episodes
 from fastnft.policies.io import PolicyFileError, load_policy, save_policy
 from fastnft.policies.normalizer import Normalizer
 from fastnft.policies.state_flow import StateFlowPolicy

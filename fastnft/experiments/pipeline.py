@@ -45,8 +45,8 @@ def variant_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
 
 
 def _train_one(cfg: ExperimentConfig, policy_path: Path, env, resume: bool, progress: bool) -> tuple[list, float]:
+    from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.io import load_policy
-    from fastnft.trainer import StepNFTTrainer
 
     policy, _ = load_policy(policy_path, cfg)
     t0 = time.time()
@@ -62,18 +62,18 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
     Returns:
         The report dict (also written to ``<run_dir>/report.json``).
     """
-    from fastnft.demos import demo_path
     from fastnft.devices import resolve_device
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
-    from fastnft.sft import run_sft_stage
+    from fastnft.experiments.demos import demo_path
+    from fastnft.experiments.sft import run_sft_stage
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     if cfg.env.task != "bandit":
-        from fastnft.demos import generate_demos
+        from fastnft.experiments.demos import generate_demos
 
         t0 = time.time()
         generate_demos(cfg, demo_path(cfg), num_demos=cfg.demos.num_demos)

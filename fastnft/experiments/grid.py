@@ -1,5 +1,5 @@
-"""The evidence grid of issue 6: StepNFT, label controls and the Flow-GRPO reference over several SFT starts and RL
-seeds, one command, one JSON per finished run, a summary with intervals and a plot.
+"""Multi-run grids: StepNFT, label controls and the Flow-GRPO reference over several SFT starts and RL seeds, one
+command, one JSON per finished run, a summary with intervals and a plot.
 
     fastnft grid --spec configs/grids/pickcube.yaml            # run every missing run, then summarise
     fastnft grid --spec configs/grids/pickcube.yaml --list     # the runs and whether their result exists
@@ -12,7 +12,7 @@ label control, GRPO: more overrides) and the RL seed (``train.seed``). Each fini
 sessions and a kill loses at most the run in progress (which resumes from its checkpoints).
 
 Every evaluation of a run uses the same held-out seeds and the same per-episode sampler noise
-(:func:`fastnft.evaluate.evaluate_policy`), so gains are paired per episode
+(:func:`fastnft.loop.evaluate.evaluate_policy`), so gains are paired per episode
 (:func:`fastnft.report.paired_diff_interval`).
 """
 
@@ -227,9 +227,9 @@ def _run_one(spec: GridSpec, run: GridRun, progress: bool) -> dict[str, Any]:
 
     from fastnft.engine import dist as fdist
     from fastnft.envs import make_env
+    from fastnft.experiments.sft import run_sft_stage
+    from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.io import load_policy
-    from fastnft.sft import run_sft_stage
-    from fastnft.trainer import StepNFTTrainer
 
     cfg: ExperimentConfig = load_config(spec.base_config, run.overrides)
     t0 = time.time()
@@ -319,7 +319,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
     control's final outcomes on the same episodes, as a paired difference with a 95 % interval; StepNFT "beats"
     a control at a start when that interval lies above 0. The first arm of the spec is the method compared.
     Per run: its gain, run times and the means over iterations of the update's signal diagnostics
-    (``signal/cos_halves``, ``signal/label_share``: :func:`fastnft.update.gradient_signal`).
+    (``signal/cos_halves``, ``signal/label_share``: :func:`fastnft.loop.update.gradient_signal`).
     """
     import json
 
@@ -336,7 +336,7 @@ def summarize_grid(spec: GridSpec) -> dict[str, Any]:
                           # evaluations excluded
                           "iterations_min": sum(x for x in r["per_iteration"].get("perf/iteration_s", [])
                                                 if isinstance(x, (int, float))) / 60,
-                          # means over iterations of the update's signal diagnostics (fastnft.update)
+                          # means over iterations of the update's signal diagnostics (fastnft.loop.update)
                           "diagnostics_mean": r.get("diagnostics_mean", {})})
         a["gains"].append(r["gain"]["points"])
     for a in arms.values():
