@@ -131,9 +131,9 @@ def test_shipped_grid_specs_load_and_their_runs_configure(path):
         load_config(spec.base_config, r.overrides)
 
 
-def test_readme_results_table_is_the_committed_grid_table():
-    """The README's grid table is results/grid/table.md verbatim (refresh: `fastnft grid --summarize`, then paste)."""
+def test_results_grid_table_is_the_committed_grid_table():
+    """RESULTS.md's grid table is results/grid/table.md verbatim (refresh: `fastnft grid --summarize`, then paste)."""
     from pathlib import Path
 
     table = Path("results/grid/table.md").read_text().rstrip("\n")
-    assert table in Path("README.md").read_text()
+    assert table in Path("RESULTS.md").read_text()
