@@ -378,3 +378,14 @@ def test_experiment_config_passes_normalization_and_random_init_refuses_a_mode_i
         build_flow_policy(runtime_only(), init=None, state_dim=5, act_dim=4)
     ok = build_flow_policy(runtime_only(normalization="identity"), init=None, state_dim=5, act_dim=4)
     assert ok.processor.norm_mode == "identity" and ok.cfg.normalization == "identity"
+
+
+def test_statistics_of_another_width_are_refused_naming_the_field(tmp_path):
+    cfg, d = _bare_checkpoint(tmp_path, "pi0")
+    _write_lerobot_processor(d, cfg, "MEAN_STD", {f"{STATE_KEY}.mean": torch.zeros(cfg.state_dim + 2),
+                                                  f"{STATE_KEY}.std": torch.ones(cfg.state_dim + 2),
+                                                  "action.mean": torch.zeros(cfg.action_dim),
+                                                  "action.std": torch.ones(cfg.action_dim)})
+    with pytest.raises(CheckpointError, match=r"statistic 'mean' has 7 entries but the policy's observation.state "
+                                              r"has 5 \(pi0.state_dim\)"):
+        Pi0Policy.load(d)

@@ -134,23 +134,27 @@ def _legacy(d: Path, pc: dict[str, Any] | None) -> FoundStats | None:
 
 
 def _fit_width(st: NormStats, dim: int, name: str, found: FoundStats, need: tuple[str, ...]) -> NormStats:
-    """Keep the first ``dim`` entries (openpi slices longer statistics the same way); refuse missing or short ones."""
+    """The statistics cut to the first ``dim`` entries (openpi slices longer statistics the same way). A statistic
+    the mode needs must be there and wide enough; the others are kept when they fit (a later save carries them)."""
     out = {}
-    for k in need:
+    for k in ("mean", "std", "q01", "q99"):
         v = getattr(st, k)
         if v is None:
-            hint = " (lerobot: augment the dataset with quantile statistics)" if k in ("q01", "q99") else ""
-            raise StatisticsError(f"{found.source} has no {name} statistic {k!r}, which normalisation "
-                                  f"{'/'.join(need)} needs{hint}; add it, or choose another policy.pi0.normalization")
+            if k in need:
+                hint = " (lerobot: augment the dataset with quantile statistics)" if k in ("q01", "q99") else ""
+                raise StatisticsError(f"{found.source} has no {name} statistic {k!r}, which normalisation "
+                                      f"{'/'.join(need)} needs{hint}; add it, or choose another "
+                                      "policy.pi0.normalization")
+            continue
         v = v.reshape(-1)
-        if v.numel() < dim:
+        fits = v.numel() == dim or (v.numel() > dim and found.convention == "openpi")
+        if not fits and k in need:
+            field = "state_dim" if name == STATE_KEY else "action_dim"
             raise StatisticsError(f"{found.source}: {name} statistic {k!r} has {v.numel()} entries but the policy's "
-                                  f"{name} has {dim} (pi0.{'state' if name == STATE_KEY else 'action'}_dim); use "
-                                  "statistics of this robot")
-        if v.numel() > dim and found.convention != "openpi":
-            raise StatisticsError(f"{found.source}: {name} statistic {k!r} has {v.numel()} entries but the "
-                                  f"policy's {name} has {dim}; set pi0.state_dim / pi0.action_dim to the robot's")
-        out[k] = v[:dim].float()
+                                  f"{name} has {dim} (pi0.{field}); use statistics of this robot, or set "
+                                  f"pi0.{field} to the robot's width")
+        if fits:
+            out[k] = v[:dim].float()
     return NormStats(**out)
 
 
