@@ -3,8 +3,9 @@
 - ``state_flow``: the SFT policy file (:func:`fastnft.policies.io.load_policy`).
 - ``pi0``: a local checkpoint directory in the openpi PyTorch / lerobot layout (``policy.checkpoint``), with the
   runtime fields of ``policy.pi0`` applied; or, with ``policy.checkpoint: null``, a randomly initialised model of
-  the architecture in ``policy.pi0`` (CPU smoke runs and tests), which has no statistics (identity normalisation). Its weights are drawn from a seeded generator, so a
-  resumed run rebuilds the same frozen prefix; its prompts use :class:`~fastnft.policies.tokenizer.ByteTokenizer`.
+  the architecture in ``policy.pi0`` (CPU smoke runs and tests), which has no statistics (identity normalisation).
+  Its weights are drawn from a seeded generator, so a resumed run rebuilds the same frozen prefix; its prompts use
+  :class:`~fastnft.policies.tokenizer.ByteTokenizer`.
 
 ``policy.num_steps`` (the sampler's K) and ``policy.n_action_steps`` (executed steps per call) apply to every kind;
 for pi0 they replace the checkpoint's values, so ``policy.pi0`` must not set them.
