@@ -77,7 +77,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             from fastnft.policies.pi0 import Pi0Policy
 
             path = args.policy or Path(args.run or cfg.run_dir) / "policy_final"
-            policy = Pi0Policy.load(path, num_steps=cfg.policy.num_steps, n_action_steps=cfg.policy.n_action_steps)
+            norm = {k: v for k, v in (cfg.policy.pi0 or {}).items() if k in ("normalization", "asset_id")}
+            policy = Pi0Policy.load(path, num_steps=cfg.policy.num_steps, n_action_steps=cfg.policy.n_action_steps,
+                                    **norm)
         elif args.run:
             policy, it = load_run_policy(args.run, cfg, sft_checkpoint_path(cfg))
             print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)

@@ -3,8 +3,9 @@
 - ``state_flow``: the SFT policy file (:func:`fastnft.policies.io.load_policy`).
 - ``pi0``: a local checkpoint directory in the openpi PyTorch / lerobot layout (``policy.checkpoint``), with the
   runtime fields of ``policy.pi0`` applied; or, with ``policy.checkpoint: null``, a randomly initialised model of
-  the architecture in ``policy.pi0`` (CPU smoke runs and tests). Its weights are drawn from a seeded generator, so a
-  resumed run rebuilds the same frozen prefix; its prompts use :class:`~fastnft.policies.tokenizer.ByteTokenizer`.
+  the architecture in ``policy.pi0`` (CPU smoke runs and tests), which has no statistics (identity normalisation).
+  Its weights are drawn from a seeded generator, so a resumed run rebuilds the same frozen prefix; its prompts use
+  :class:`~fastnft.policies.tokenizer.ByteTokenizer`.
 
 ``policy.num_steps`` (the sampler's K) and ``policy.n_action_steps`` (executed steps per call) apply to every kind;
 for pi0 they replace the checkpoint's values, so ``policy.pi0`` must not set them.
@@ -98,6 +99,9 @@ def _build_pi0(cfg: ExperimentConfig, state_dim: int, act_dim: int, seed: int) -
         policy = Pi0Policy.load(cfg.policy.checkpoint, **overrides)
     else:
         pcfg = pi0_config_from(cfg, state_dim=state_dim, act_dim=act_dim)
+        if pcfg.normalization in ("mean_std", "quantile"):
+            raise ConfigError(f"policy.pi0.normalization: {pcfg.normalization} needs statistics, but a random-init pi0 "
+                              "(policy.checkpoint: null) has none; use auto or identity, or load a checkpoint")
         proc = Pi0Processor(pcfg, ByteTokenizer(pcfg.tokenizer_max_length), norm_mode="identity")
         with torch.random.fork_rng(devices=[]):  # the same frozen prefix on every (re)start of this run
             torch.manual_seed(seed)

@@ -471,11 +471,14 @@ class Pi0Policy(nn.Module):
             device: where the policy lives.
             check_finite: refuse NaN / inf weights (names the key).
             cfg_overrides: runtime fields of :class:`Pi0Config` to replace (``n_action_steps``, ``attention``,
-                ``prefix_mode``, ``num_steps``, ``vlm_dtype``); architecture fields come from the checkpoint.
+                ``prefix_mode``, ``num_steps``, ``vlm_dtype``, ``normalization``, ``asset_id``); architecture
+                fields come from the checkpoint.
 
         Raises:
             CheckpointError: missing files, unreadable weights, or keys / shapes that do not fit the config; the
-                message lists the missing and unexpected keys and every shape mismatch.
+                message lists the missing and unexpected keys and every shape mismatch. Also a checkpoint without
+                normalisation statistics (unless ``normalization="identity"``): the message names the files to
+                add (:mod:`fastnft.policies.pi0_stats`).
         """
         ck = read_checkpoint(path, **cfg_overrides)
         proc = Pi0Processor.from_export(ck.cfg, ck.processor, Path(path)) if ck.processor else None

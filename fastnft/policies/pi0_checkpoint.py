@@ -3,11 +3,14 @@
 Directory::
 
     model.safetensors                 weights (key map below)
-    config.json                       lerobot policy config: only fields every lerobot PI0Config version has
+    config.json                       lerobot 0.4.x PI0Config / PI05Config: every field all 0.4 releases read
     fastnft_config.json               fastnft's full Pi0Config (architecture sizes, K, cameras; wins when present)
     tokenizer.model                   PaliGemma's SentencePiece model (optional: without it, pass token ids)
-    fastnft_processor.safetensors     normaliser statistics, lerobot names (observation.state.mean, action.std, ...)
-    fastnft_processor.json            normalisation mode and the tokenizer file name
+    policy_preprocessor.json, policy_postprocessor.json, policy_*processor_step_*.safetensors
+                                      lerobot 0.4.x's processor files: normaliser statistics (observation.state.mean,
+                                      action.q99, ...); openpi's assets/<asset_id>/norm_stats.json is read too
+    fastnft_processor.json            normalisation mode and formulas, the tokenizer kind and file name
+                                      (statistics: :mod:`fastnft.policies.pi0_stats`, docs/pi0_statistics.md)
 
 Key map. fastnft's module tree is openpi's ``PI0Pytorch``, so its state-dict keys ARE openpi's keys:
 
@@ -48,14 +51,14 @@ from torch import Tensor, nn
 
 from fastnft.atomic import atomic_write
 from fastnft.config import ConfigError
+from fastnft.policies.lerobot_files import lerobot_config
 from fastnft.policies.pi0_config import Pi0Config
+from fastnft.policies.pi0_stats import StatisticsError, resolve_processor, write_processor_files
 
 __all__ = ["Checkpoint", "CheckpointError", "check_keys", "load_into", "read_checkpoint", "write_checkpoint"]
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 FULL_CONFIG = "fastnft_config.json"
-_NORM_NAMES = {"mean_std": "MEAN_STD", "quantile": "QUANTILES", "identity": "IDENTITY"}
-STATS, PROC_CONFIG = "fastnft_processor.safetensors", "fastnft_processor.json"
 LEROBOT_PREFIX = "model."
 TIED = ("paligemma_with_expert.paligemma.lm_head.weight",)
 IGNORED_PREFIXES = ("paligemma_with_expert.gemma_expert.lm_head.", "paligemma_with_expert.gemma_expert.model.embed_tokens.")
@@ -66,7 +69,7 @@ LEGACY_RENAMES = ((_PG + "language_model.model.", _PG + "model.language_model.")
                   (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."))
 # runtime fields a caller may override at load; the rest is architecture and comes from the checkpoint
 RUNTIME_FIELDS = ("n_action_steps", "num_steps", "attention", "prefix_mode", "vlm_dtype", "cameras", "action_dim",
-                  "state_dim")
+                  "state_dim", "normalization", "asset_id")
 _LIST_LIMIT = 20
 
 
@@ -82,22 +85,6 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     processor: dict[str, Any] | None
     layout: str
-
-
-def _lerobot_config(cfg: Pi0Config, norm_mode: str | None) -> dict[str, Any]:
-    """config.json: no key outside lerobot's PI0Config (its loader rejects unknown keys); the rest goes to
-    fastnft_config.json."""
-    S = cfg.vlm.image_size
-    norm = _NORM_NAMES.get(norm_mode or "identity", "IDENTITY")
-    return {
-        "type": cfg.variant, "n_obs_steps": 1, "chunk_size": cfg.chunk_size, "n_action_steps": cfg.n_action_steps,
-        "max_state_dim": cfg.max_state_dim, "max_action_dim": cfg.max_action_dim,
-        "tokenizer_max_length": cfg.tokenizer_max_length,
-        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": norm, "ACTION": norm},
-        "input_features": {**{f"observation.images.{c}": {"type": "VISUAL", "shape": [3, S, S]} for c in cfg.cameras},
-                           "observation.state": {"type": "STATE", "shape": [cfg.state_dim]}},
-        "output_features": {"action": {"type": "ACTION", "shape": [cfg.action_dim]}},
-    }
 
 
 def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi0Config, *, layout: str = "lerobot",
@@ -123,7 +110,7 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
     pre = LEROBOT_PREFIX if layout == "lerobot" else ""
     tensors = {pre + k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in TIED}
     atomic_write(d / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_name=True)
-    conf = json.dumps(_lerobot_config(cfg, processor["norm_mode"] if processor else None), indent=2, sort_keys=True)
+    conf = json.dumps(lerobot_config(cfg, processor["norm_mode"] if processor else "identity"), indent=2)
     atomic_write(d / CONFIG, lambda f: f.write(conf), text=True)
     full = json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
     atomic_write(d / FULL_CONFIG, lambda f: f.write(full), text=True)
@@ -131,11 +118,7 @@ def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Pi
         tok = processor.get("tokenizer_file")
         if tok and Path(tok).resolve() != (d / TOKENIZER).resolve():
             atomic_write(d / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp), by_name=True)
-        stats = {k: v.cpu().contiguous() for k, v in processor["tensors"].items()}
-        atomic_write(d / STATS, lambda tmp: save_file(stats, tmp), by_name=True)
-        pc = json.dumps({"norm_mode": processor["norm_mode"], "tokenizer_file": TOKENIZER if tok else None,
-                         "tokenizer": processor.get("tokenizer", "sentencepiece" if tok else None)})
-        atomic_write(d / PROC_CONFIG, lambda f: f.write(pc), text=True)
+    write_processor_files(d, cfg, processor, layout)
     return d
 
 
@@ -159,7 +142,8 @@ def _config_from_json(conf: dict[str, Any], full: dict[str, Any] | None, path: P
                              ("n_action_steps", "n_action_steps"), ("max_state_dim", "max_state_dim"),
                              ("max_action_dim", "max_action_dim"), ("max_action_dim", "action_dim"),
                              ("tokenizer_max_length", "tokenizer_max_length"), ("tokenizer_max_length", "max_token_len"),
-                             ("num_steps", "num_steps"), ("num_steps", "num_inference_steps")):
+                             ("num_steps", "num_steps"), ("num_steps", "num_inference_steps"),
+                             ("min_period", "min_period"), ("max_period", "max_period")):
             if theirs in conf:
                 d[ours] = conf[theirs]
         feats = conf.get("input_features") or {}
@@ -223,17 +207,10 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
         k = _rename_legacy(k[n:])
         if k not in TIED and not k.startswith(IGNORED_PREFIXES):
             tensors[k] = v
-    processor = None
-    if (d / PROC_CONFIG).is_file():
-        pc = json.loads((d / PROC_CONFIG).read_text())
-        try:
-            stats = load_file(str(d / STATS))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{d / STATS} is missing or unreadable ({type(e).__name__}: {e})") from e
-        processor = {"norm_mode": pc["norm_mode"], "tensors": stats, "tokenizer_file": pc.get("tokenizer_file"),
-                     "tokenizer": pc.get("tokenizer")}
-    elif (d / TOKENIZER).is_file():
-        processor = {"norm_mode": "identity", "tensors": {}, "tokenizer_file": TOKENIZER}
+    try:
+        processor = resolve_processor(d, conf, cfg)
+    except StatisticsError as e:
+        raise CheckpointError(str(e)) from e
     return Checkpoint(cfg, tensors, processor, layout)
 
 

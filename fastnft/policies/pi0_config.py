@@ -131,6 +131,17 @@ class Pi0Config:
     """Shortest period of the sinusoidal flow-time embedding."""
     max_period: float = 4.0
     """Longest period of the sinusoidal flow-time embedding."""
+    normalization: Literal["auto", "mean_std", "quantile", "identity"] = "auto"
+    """State / action normalisation of a loaded checkpoint. ``auto``: the mode its files name (lerobot's
+    ``normalization_mapping``, fastnft_processor.json), else the variant's (pi0 ``mean_std``, pi0.5 ``quantile``),
+    with statistics from its lerobot processor files or openpi ``assets/<asset_id>/norm_stats.json``; a checkpoint
+    without statistics is refused. ``mean_std`` / ``quantile`` force that mode (the statistics must hold it).
+    ``identity``: no normalisation, the only way to load a checkpoint without statistics (a pretrained policy then
+    sees unnormalised state and acts in normalised units). See docs/pi0_statistics.md."""
+    asset_id: str | None = None
+    """openpi asset id whose ``assets/<asset_id>/norm_stats.json`` holds the statistics (e.g. ``trossen``,
+    ``physical-intelligence/libero``); needed only when the checkpoint has several. Saving in the openpi layout
+    writes ``assets/<asset_id or "fastnft">/norm_stats.json``."""
     vlm_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Storage and compute dtype of the frozen prefix (tests use float32 for exact comparisons)."""
     attention: Literal["auto", "sdpa", "flash"] = "auto"
@@ -164,6 +175,11 @@ class Pi0Config:
         _require(self.tokenizer_max_length >= 1, "tokenizer_max_length", "must be >= 1")
         _require(self.num_steps >= 1, "num_steps", "must be >= 1")
         _require(0 < self.min_period < self.max_period, "min_period", "need 0 < min_period < max_period")
+        _require(self.normalization in ("auto", "mean_std", "quantile", "identity"), "normalization",
+                 f"must be auto, mean_std, quantile or identity, got {self.normalization!r}")
+        _require(self.asset_id is None or (isinstance(self.asset_id, str) and self.asset_id.strip("/") != ""
+                                           and ".." not in self.asset_id.split("/")), "asset_id",
+                 f"must be an openpi asset id such as 'trossen' (a folder under assets/), got {self.asset_id!r}")
         e, v = self.expert, self.vlm
         _require(e.depth == v.depth, "expert.depth",
                  f"must equal vlm.depth={v.depth}: expert layer l attends to the prefix's layer-l keys/values")

@@ -10,8 +10,9 @@ the weights), so the same network runs with other robots' statistics. One call r
 3. language: ``task`` (a string or B strings) -> ``lang_tokens, lang_masks [B, L]``; pi0.5's prompt also holds
    the discretised state. Pre-tokenised ``lang_tokens`` / ``lang_masks`` pass through.
 
-Normalisation modes: ``mean_std`` ((x - mean) / std, pi0's default in lerobot) and ``quantile`` (q01 / q99 mapped
-to -1 / 1, pi0.5's default), or ``identity``.
+Normalisation modes: ``mean_std`` ((x - mean) / std, pi0's default in lerobot and openpi) and ``quantile`` (q01 / q99
+mapped to -1 / 1, pi0.5's default in both), or ``identity``; the epsilon follows the port that computed the
+statistics (:meth:`NormStats.normalize`). Where a checkpoint's statistics come from: :mod:`fastnft.policies.pi0_stats`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from fastnft.policies.tokenizer import ByteTokenizer, PromptTokenizer, make_toke
 __all__ = ["STATE_KEY", "NormStats", "Pi0Processor", "image_key"]
 
 NormMode = Literal["mean_std", "quantile", "identity"]
+NormConvention = Literal["openpi", "lerobot"]
+_EPS = {"openpi": 1e-6, "lerobot": 1e-8}  # transforms.Normalize; lerobot _NormalizationMixin.eps
+
+
+def _eps(convention: NormConvention, eps: float | None) -> float:
+    if convention not in _EPS:
+        raise ValueError(f"normalisation convention must be 'openpi' or 'lerobot', got {convention!r}")
+    return _EPS[convention] if eps is None else eps
 
 
 @dataclass
@@ -49,25 +58,42 @@ class NormStats:
         x = x.float()
         return cls(x.mean(0), x.std(0), torch.quantile(x, 0.01, dim=0), torch.quantile(x, 0.99, dim=0))
 
-    def normalize(self, x: Tensor, mode: NormMode) -> Tensor:
-        """``[..., dim]`` -> normalised units (float32)."""
-        x = x.float()
-        if mode == "identity":
-            return x
-        if mode == "mean_std":
-            return (x - self.mean.to(x.device)) / (self.std.to(x.device) + 1e-6)
-        lo, hi = self.q01.to(x.device), self.q99.to(x.device)
-        return 2.0 * (x - lo) / (hi - lo + 1e-6) - 1.0
+    def normalize(self, x: Tensor, mode: NormMode, convention: NormConvention = "openpi",
+                  eps: float | None = None) -> Tensor:
+        """``[..., dim]`` -> normalised units (float32), with the formulas of the port the statistics come from.
 
-    def unnormalize(self, x: Tensor, mode: NormMode) -> Tensor:
-        """Inverse of :meth:`normalize`."""
+        ``mean_std``: ``(x - mean) / (std + eps)`` in both ports. ``quantile``: ``2 (x - q01) / span - 1`` with
+        ``span = q99 - q01 + eps`` (openpi ``transforms.Normalize``) or ``span = q99 - q01``, ``eps`` only where
+        it is 0 (lerobot ``_NormalizationMixin``). Neither port clips: values outside [q01, q99] leave [-1, 1].
+        ``eps`` defaults to the port's (openpi 1e-6, lerobot 1e-8).
+        """
         x = x.float()
         if mode == "identity":
             return x
+        eps = _eps(convention, eps)
         if mode == "mean_std":
-            return x * (self.std.to(x.device) + 1e-6) + self.mean.to(x.device)
-        lo, hi = self.q01.to(x.device), self.q99.to(x.device)
-        return (x + 1.0) / 2.0 * (hi - lo + 1e-6) + lo
+            return (x - self.mean.to(x.device)) / (self.std.to(x.device) + eps)
+        lo = self.q01.to(x.device)
+        return 2.0 * (x - lo) / self._span(x.device, convention, eps) - 1.0
+
+    def unnormalize(self, x: Tensor, mode: NormMode, convention: NormConvention = "openpi",
+                    eps: float | None = None) -> Tensor:
+        """Inverse of :meth:`normalize`; ``mean_std``: ``x (std + eps) + mean`` (openpi ``Unnormalize``) or
+        ``x std + mean`` (lerobot)."""
+        x = x.float()
+        if mode == "identity":
+            return x
+        eps = _eps(convention, eps)
+        if mode == "mean_std":
+            std = self.std.to(x.device)
+            return x * (std + eps if convention == "openpi" else std) + self.mean.to(x.device)
+        return (x + 1.0) / 2.0 * self._span(x.device, convention, eps) + self.q01.to(x.device)
+
+    def _span(self, device: torch.device, convention: NormConvention, eps: float) -> Tensor:
+        lo, hi = self.q01.to(device), self.q99.to(device)
+        if convention == "openpi":
+            return hi - lo + eps
+        return torch.where(hi == lo, torch.full_like(hi, eps), hi - lo)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         """Flat ``{prefix.mean: ..., ...}`` of the statistics that are set."""
@@ -87,14 +113,19 @@ class Pi0Processor:
         tokenizer: prompt tokenizer; None = observations carry ``lang_tokens`` / ``lang_masks``.
         state_stats, action_stats: statistics; None with a non-identity mode raises.
         norm_mode: ``mean_std``, ``quantile`` or ``identity``.
+        norm_convention: whose formulas (``openpi`` or ``lerobot``; they differ in the epsilon, see
+            :meth:`NormStats.normalize`): the port that computed the statistics.
+        norm_eps: the epsilon; None = the convention's (openpi 1e-6, lerobot 1e-8).
 
     Raises:
         ValueError: statistics missing for the mode, or of the wrong width.
     """
 
     def __init__(self, cfg: Pi0Config, tokenizer: PromptTokenizer | None = None, state_stats: NormStats | None = None,
-                 action_stats: NormStats | None = None, norm_mode: NormMode = "mean_std") -> None:
+                 action_stats: NormStats | None = None, norm_mode: NormMode = "mean_std",
+                 norm_convention: NormConvention = "openpi", norm_eps: float | None = None) -> None:
         self.cfg, self.tokenizer, self.norm_mode = cfg, tokenizer, norm_mode
+        self.norm_convention, self.norm_eps = norm_convention, _eps(norm_convention, norm_eps)
         self.state_stats, self.action_stats = state_stats or NormStats(), action_stats or NormStats()
         need = {"mean_std": ("mean", "std"), "quantile": ("q01", "q99"), "identity": ()}[norm_mode]
         for name, st, dim in (("state", self.state_stats, cfg.state_dim), ("action", self.action_stats,
@@ -111,7 +142,7 @@ class Pi0Processor:
         s = torch.as_tensor(obs[STATE_KEY]).to(device)
         if s.shape[-1] != self.cfg.state_dim:
             raise ValueError(f"{STATE_KEY} has width {s.shape[-1]}, pi0.state_dim is {self.cfg.state_dim}")
-        s = self.state_stats.normalize(s, self.norm_mode)
+        s = self.state_stats.normalize(s, self.norm_mode, self.norm_convention, self.norm_eps)
         return F.pad(s, (0, self.cfg.max_state_dim - s.shape[-1]))
 
     def images(self, obs: dict[str, Any], batch: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
@@ -162,19 +193,20 @@ class Pi0Processor:
     # -- actions ------------------------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:
         """Env actions ``[..., action_dim]`` -> normalised units."""
-        return self.action_stats.normalize(actions, self.norm_mode)
+        return self.action_stats.normalize(actions, self.norm_mode, self.norm_convention, self.norm_eps)
 
     def unnormalize_actions(self, x: Tensor) -> Tensor:
         """Normalised ``[..., action_dim]`` -> env actions."""
-        return self.action_stats.unnormalize(x, self.norm_mode)
+        return self.action_stats.unnormalize(x, self.norm_mode, self.norm_convention, self.norm_eps)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
-        """``{"norm_mode", "tensors": {observation.state.mean, ..., action.q99}, "tokenizer_file": path or None,
-        "tokenizer": "sentencepiece" | "byte" | None}`` (lerobot's statistic names)."""
+        """``{"norm_mode", "norm_convention", "norm_eps", "tensors": {observation.state.mean, ..., action.q99},
+        "tokenizer_file": path or None, "tokenizer": "sentencepiece" | "byte" | None}`` (lerobot's statistic
+        names)."""
         tok = self.tokenizer
         kind = None if tok is None else ("byte" if isinstance(tok, ByteTokenizer) else "sentencepiece")
-        return {"norm_mode": self.norm_mode,
+        return {"norm_mode": self.norm_mode, "norm_convention": self.norm_convention, "norm_eps": self.norm_eps,
                 "tensors": {**self.state_stats.tensors(STATE_KEY), **self.action_stats.tensors("action")},
                 "tokenizer_file": str(tok.model_file) if kind == "sentencepiece" else None, "tokenizer": kind}
 
@@ -190,4 +222,5 @@ class Pi0Processor:
             tok = root / tok
         t = blob["tensors"]
         return cls(cfg, make_tokenizer(blob.get("tokenizer"), tok, cfg.tokenizer_max_length),
-                   NormStats.from_tensors(t, STATE_KEY), NormStats.from_tensors(t, "action"), blob["norm_mode"])
+                   NormStats.from_tensors(t, STATE_KEY), NormStats.from_tensors(t, "action"), blob["norm_mode"],
+                   blob.get("norm_convention", "openpi"), blob.get("norm_eps"))
