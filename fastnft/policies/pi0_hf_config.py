@@ -39,8 +39,9 @@ def _theta(sub: dict[str, Any]) -> float | None:
 
 
 def from_transformers_config(conf: dict[str, Any]) -> dict[str, Any]:
-    """transformers ``PI0Config`` JSON -> :meth:`Pi0Config.from_dict` fields (variant ``pi0``; no cameras, state or
-    action width in that config: they keep fastnft's defaults unless overridden at load)."""
+    """transformers ``PI0Config`` JSON -> :meth:`Pi0Config.from_dict` fields (variant ``pi0``). That config holds no
+    cameras and no env state / action widths: cameras keep fastnft's default, the widths are the padded
+    ``max_state_dim`` / ``max_action_dim``; override them at load (``Pi0Policy.load(dir, cameras=..., ...)``)."""
     vlm = conf.get("vlm_config") or {}
     subs = {"text": vlm.get("text_config") or {}, "vision": vlm.get("vision_config") or {}}
     dit = conf.get("dit_config") or {}
@@ -53,6 +54,9 @@ def from_transformers_config(conf: dict[str, Any]) -> dict[str, Any]:
     d["expert"] = {ours: dit[theirs] for ours, theirs in _EXPERT.items() if theirs in dit}
     if "chunk_size" in d:
         d["n_action_steps"] = d["chunk_size"]
+    # the env's widths are not in this config: the padded ones until the caller overrides them at load
+    d["state_dim"] = d.get("max_state_dim", 32)
+    d["action_dim"] = d.get("max_action_dim", 32)
     return d
 
 
