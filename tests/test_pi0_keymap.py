@@ -211,3 +211,15 @@ def test_each_save_layout_round_trips_bit_exact(tmp_path, layout):
     if layout == "openpi":
         assert "paligemma_with_expert.paligemma.lm_head.weight" in keys
         assert "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight" not in keys
+
+
+def test_convert_rewrites_a_lerobot_save_as_openpi(tmp_path):
+    from fastnft.policies.pi0_convert import main
+
+    pol = _tiny(tmp_path, "pi0")  # float32 prefix: the converter keeps the file's dtype
+    src = pol.save(tmp_path / "lerobot", layout="lerobot")
+    main([str(src), str(tmp_path / "openpi"), "--layout", "openpi"])
+    keys = list(load_file(str(tmp_path / "openpi" / "model.safetensors")))
+    assert km.detect_layout(keys) == "openpi"
+    back = Pi0Policy.load(tmp_path / "openpi", vlm_dtype="float32")
+    _same(pol, back)
