@@ -6,6 +6,8 @@ transformers' ``PI0ForConditionalGeneration`` (fp32, CPU, tiny random models), w
 Uses the builders of tests/test_pi0_keymap.py and tests/test_pi0_transformers_ref.py, so the numbers come from the
 code the tests assert on. Rows:
 
+- ``save_bytes``: tensor bytes of ``model.safetensors`` per save layout at full size (bfloat16 prefix, float32
+  expert), and of the model's own tensors.
 - ``fixtures``: per lerobot key set, missing / unexpected / shape-mismatched keys after the key map (full size, meta
   device, the on-disk file simulated with one name per tied group).
 - ``transformers_to_fastnft`` / ``fastnft_to_transformers``: max abs differences of the velocity and of K = 4 and
@@ -50,6 +52,26 @@ def _fixtures() -> dict:
                      "missing": len(set(exp) - set(found)), "unexpected": len(set(found) - set(exp)),
                      "shape_mismatches": sum(tuple(found[k]) != exp[k] for k in set(exp) & set(found)),
                      "n_params": fx["n_params"]}
+    return out
+
+
+def _save_sizes() -> dict:
+    """Tensor bytes of model.safetensors per save layout at full size, in fastnft's dtypes (bfloat16 prefix,
+    float32 expert and projections), computed on the meta device."""
+    import test_pi0_keymap as K
+
+    from fastnft.policies import pi0_keymap as km
+
+    out = {}
+    for variant in ("pi0", "pi05"):
+        model = K._meta_model(variant)
+        canon = {c: v for c, (_, v) in km.model_expected(model.state_dict()).items()}
+        kw = {"vocab_size": model.cfg.vlm.vocab_size, "expert_width": model.cfg.expert.width, "variant": variant}
+        size = {"model_tensors": sum(v.numel() * v.element_size() for v in canon.values())}
+        for layout in km.SAVE_LAYOUTS if variant == "pi0" else ("lerobot", "openpi"):
+            t = km.from_canonical(canon, layout, **kw)
+            size[layout] = sum(v.numel() * v.element_size() for v in t.values())
+        out[variant] = size
     return out
 
 
@@ -114,7 +136,7 @@ def main() -> None:
 
     res = {"command": "PYTHONPATH=$PWD python scripts/pi0_reference_diffs.py --out " + a.out,
            "torch": torch.__version__, "transformers": transformers.__version__, "device": "cpu", "dtype": "float32",
-           "fixtures": _fixtures(), **_reference()}
+           "fixtures": _fixtures(), "save_bytes": _save_sizes(), **_reference()}
     from fastnft.atomic import atomic_write
 
     path = Path(a.out)
