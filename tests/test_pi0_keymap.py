@@ -223,3 +223,15 @@ def test_convert_rewrites_a_lerobot_save_as_openpi(tmp_path):
     assert km.detect_layout(keys) == "openpi"
     back = Pi0Policy.load(tmp_path / "openpi", vlm_dtype="float32")
     _same(pol, back)
+
+
+def test_group_keys_reports_one_line_per_shared_prefix():
+    vis = [f"paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight"
+           for i in range(27)] + ["paligemma_with_expert.paligemma.model.vision_tower.vision_model.post_layernorm.bias"]
+    emb = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+    assert km.group_keys(vis) == [("paligemma_with_expert.paligemma.model.vision_tower.vision_model.*", 28)]
+    assert km.group_keys([*vis, emb]) == [("paligemma_with_expert.paligemma.model.vision_tower.vision_model.*", 28),
+                                          (emb, 1)]
+    many = [f"k{i}.w" for i in range(12)]
+    groups = km.group_keys(many, max_groups=4)
+    assert len(groups) == 4 and groups[-1] == ("other keys", 9)
