@@ -235,3 +235,42 @@ def test_group_keys_reports_one_line_per_shared_prefix():
     many = [f"k{i}.w" for i in range(12)]
     groups = km.group_keys(many, max_groups=4)
     assert len(groups) == 4 and groups[-1] == ("other keys", 9)
+
+
+def _module_tree(shapes: dict[str, tuple[int, ...]], tie: tuple[str, str] | None = None) -> torch.nn.Module:
+    """A module tree with exactly these parameter names (zeros); ``tie`` = (name, alias) share one parameter."""
+    root = torch.nn.Module()
+
+    def parent(name: str) -> tuple[torch.nn.Module, str]:
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        return mod, leaf
+
+    for name, shape in shapes.items():
+        mod, leaf = parent(name)
+        mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
+    if tie:
+        src, src_leaf = parent(tie[0])
+        dst, dst_leaf = parent(tie[1])
+        dst.register_parameter(dst_leaf, getattr(src, src_leaf))
+    return root
+
+
+def test_openpi_save_loads_strictly_with_safetensors_load_model_over_a_tied_tree(tmp_path):
+    """openpi loads with ``safetensors.torch.load_model(PI0Pytorch, file)`` (strict): over a tree with openpi's names
+    and the tied pair, the file with ``lm_head`` only must load every tensor, the embedding through the tie."""
+    from safetensors.torch import load_model
+
+    pol = _tiny(tmp_path, "pi0")
+    d = pol.save(tmp_path / "openpi", layout="openpi")
+    sd = load_file(str(d / "model.safetensors"))
+    tree = _module_tree({k: tuple(v.shape) for k, v in sd.items()}, tie=(km.LM_HEAD, km.EMBED))
+    assert km.EMBED in tree.state_dict() and km.EMBED not in sd
+    missing, unexpected = load_model(tree, str(d / "model.safetensors"), strict=True)
+    assert not missing and not unexpected
+    emb = pol.model.vlm.model.language_model.embed_tokens.weight
+    assert torch.equal(tree.state_dict()[km.EMBED], emb)
