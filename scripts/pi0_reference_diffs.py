@@ -11,7 +11,8 @@ code the tests assert on. Rows:
 - ``fixtures``: per lerobot key set, missing / unexpected / shape-mismatched keys after the key map (full size, meta
   device, the on-disk file simulated with one name per tied group).
 - ``transformers_to_fastnft`` / ``fastnft_to_transformers``: max abs differences of the velocity and of K = 4 and
-  K = 10 Euler samples from the same noise, each side with its own time embedding as installed.
+  K = 10 Euler samples from the same noise, as tests/test_pi0_transformers_ref.py measures them (transformers
+  given openpi's float64 time embedding when fastnft's is float64, ``fastnft_time_embedding_is_float64``).
 - ``time_embedding_float64_vs_transformers_float32``: fastnft given openpi's float64 time embedding against
   transformers' float32 one (the size of that disagreement).
 - ``openpi_time_grid``: fastnft's sampler (``t_i = 1 - i / K``, as lerobot and transformers) against openpi's loop,
@@ -88,6 +89,10 @@ def _reference() -> dict:
     R._randomise(ref, 2)
     ref.save_pretrained(tmp / "ref")
     pol = R.Pi0Policy.load(tmp / "ref", cameras=R.CAMS, vlm_dtype="float32", attention="sdpa", **R.NO_STATS).eval()
+    import pytest
+
+    patch = pytest.MonkeyPatch()  # the tests' rule: transformers gets openpi's float64 time embedding iff fastnft has it
+    R._match_time_embedding(patch, pol)
     out = {"fastnft_time_embedding_is_float64": R._fastnft_time_is_float64(pol),
            "transformers_to_fastnft": R._diffs(pol, ref, cfg)}
 
@@ -99,6 +104,7 @@ def _reference() -> dict:
     out["fastnft_to_transformers"] = R._diffs(ours, back.eval().float(), cfg)
     out["fastnft_to_transformers"]["load_info_problems"] = sum(len(info[k]) for k in
                                                                ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    patch.undo()  # below: transformers' own float32 time embedding
 
     orig = P.sinusoidal_time_embedding
     P.sinusoidal_time_embedding = lambda t, dim, lo=4e-3, hi=4.0, *_, **__: R._openpi_time(t, dim, lo, hi).float()
