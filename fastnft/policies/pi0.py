@@ -483,5 +483,5 @@ class Pi0Policy(nn.Module):
         ck = read_checkpoint(path, **cfg_overrides)
         proc = Pi0Processor.from_export(ck.cfg, ck.processor, Path(path)) if ck.processor else None
         policy = cls(ck.cfg, proc, init_weights=False)
-        load_into(policy.model, ck.tensors, path, check_finite=check_finite)
+        load_into(policy.model, ck.tensors, path, check_finite=check_finite, layout=ck.layout)
         return policy.to(device)
