@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 import transformers
+from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from fastnft.policies.attention import apply_rope, attend, resolve_backend
