@@ -170,7 +170,7 @@ def test_pi05_has_no_state_token_and_pi0_uses_the_state():
 
 def test_bf16_prefix_with_fp32_expert_runs():
     pol = _policy("pi0", vlm_dtype="bfloat16")
-    assert next(pol.model.vlm.parameters()).dtype == torch.bfloat16
+    assert pol.model.vlm.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert pol.model.action_in_proj.weight.dtype == torch.float32
     ctx = pol.encode(_inputs(pol.cfg))
     assert ctx.keys[0].dtype == torch.bfloat16

@@ -1,8 +1,9 @@
 """Camera images -> SigLIP pixels on the policy's device, without torchvision.
 
-SigLIP (PaliGemma) takes square RGB images scaled to [-1, 1] (mean 0.5, std 0.5 per channel after /255). Camera
-frames of another size keep their aspect ratio: they are resized to fit and padded to the square (openpi's
-``resize_with_pad``; the padding is black, i.e. -1 after scaling).
+SigLIP (PaliGemma) takes square RGB images scaled to [-1, 1] (``x / 255 * 2 - 1``). Camera frames of another size
+keep their aspect ratio: resized to fit and padded to the square exactly as openpi's PyTorch model does
+(``openpi.shared.image_tools.resize_with_pad_torch``, also lerobot's pi0): in [-1, 1] space, bilinear without
+antialiasing, sizes ``int(h / ratio)`` (floor), clamp to [-1, 1], pad with -1 (black).
 """
 
 from __future__ import annotations
@@ -32,17 +33,21 @@ def to_channels_first(images: Tensor) -> Tensor:
     raise ValueError(f"images must have 3 (RGB) channels first or last, got shape {tuple(images.shape)}")
 
 
-def resize_with_pad(images: Tensor, size: int, pad_value: float = 0.0) -> Tensor:
-    """Resize ``[B, C, H, W]`` float images to fit ``size x size`` keeping the aspect ratio, then pad centrally.
+def resize_with_pad(images: Tensor, size: int, pad_value: float = -1.0) -> Tensor:
+    """Resize ``[B, C, H, W]`` float images in [-1, 1] to fit ``size x size`` keeping the aspect ratio, pad centrally.
 
-    Bilinear interpolation (``align_corners=False``); an image already ``size x size`` is returned unchanged.
+    openpi-PyTorch's ``resize_with_pad_torch``, step for step: ``ratio = max(W / size, H / size)``, new size
+    ``(int(H / ratio), int(W / ratio))``, bilinear with ``align_corners=False`` and no antialiasing (a downscale
+    aliases, as in openpi and lerobot; PIL / ``antialias=True`` differs by up to ~0.4 at 256 -> 224 px), clamp to
+    [-1, 1], pad ``(size - new) // 2`` before and the rest after with ``pad_value``. An image already
+    ``size x size`` is returned unchanged.
     """
     _, _, h, w = images.shape
     if h == size and w == size:
         return images
-    scale = min(size / h, size / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    out = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    ratio = max(w / size, h / size)
+    nh, nw = max(1, int(h / ratio)), max(1, int(w / ratio))
+    out = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
     top, left = (size - nh) // 2, (size - nw) // 2
     return F.pad(out, (left, size - nw - left, top, size - nh - top), value=pad_value)
 
@@ -63,11 +68,11 @@ def siglip_pixels(images: Tensor, size: int, device: torch.device | str | None =
     """
     x = to_channels_first(images.to(device) if device is not None else images)
     if x.dtype == torch.uint8:
-        x = x.float() / 255.0
+        x = x.float() / 255.0 * 2.0 - 1.0  # openpi's Observation.from_dict
     else:
         x = x.float()
         if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
             raise ValueError("float images must be in [0, 1] (or pass uint8 in [0, 255]); got values in "
                              f"[{float(x.min()):.3g}, {float(x.max()):.3g}]")
-    x = resize_with_pad(x, size, pad_value=0.0)
-    return x * 2.0 - 1.0
+        x = x * 2.0 - 1.0
+    return resize_with_pad(x, size, pad_value=-1.0)

@@ -21,6 +21,7 @@ Module names equal openpi's PyTorch model (``paligemma_with_expert.paligemma.*``
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -39,9 +41,39 @@ from fastnft.policies.processor import Pi0Processor
 from fastnft.policies.state_flow import sinusoidal_time_embedding
 from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
 
-__all__ = ["Pi0Model", "Pi0Policy", "PrefixContext", "paligemma_hf_config"]
+__all__ = ["FP32_UNDER_BF16", "SUPPORTED_TRANSFORMERS", "Pi0Model", "Pi0Policy", "PrefixContext",
+           "check_transformers_version", "paligemma_hf_config"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+SUPPORTED_TRANSFORMERS = (5, 6)
+"""``transformers`` major versions ``[5, 6)`` the prefix is built with (pyproject pins the same range). Before 5.0
+the PaliGemma module tree differs (``vision_tower.vision_model``; no ``.model`` level before 4.52) and Gemma's
+``embed_tokens`` is unscaled; fastnft's numerics no longer depend on the latter (see :meth:`Pi0Model.embed_prefix`)
+but its module paths do."""
+
+FP32_UNDER_BF16 = ("embeddings.patch_embedding.", "embeddings.position_embedding.", "input_layernorm.",
+                   "post_attention_layernorm.", "language_model.norm.")
+"""Prefix parameters kept in float32 when ``vlm_dtype`` is bfloat16, as openpi's PyTorch model keeps them
+(``PaliGemmaWithExpertModel.to_bfloat16_for_selected_params``): SigLIP's patch and position embeddings and every
+Gemma RMSNorm gain. SigLIP's LayerNorms and all projections are bfloat16 there too."""
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Refuse a ``transformers`` outside :data:`SUPPORTED_TRANSFORMERS` (its PaliGemma has other module paths).
+
+    Raises:
+        ImportError: naming the installed version and the pip command that installs a supported one.
+    """
+    version = version or transformers.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return  # a source build with an odd version string: let it run
+    lo, hi = SUPPORTED_TRANSFORMERS
+    if not lo <= major < hi:
+        raise ImportError(f"pi0 / pi0.5 need transformers>={lo},<{hi}; transformers {version} is installed (its "
+                          f"PaliGemma module tree differs). Fix: pip install 'transformers>={lo},<{hi}'")
 
 
 def paligemma_hf_config(cfg: Pi0Config) -> PaliGemmaConfig:
@@ -131,6 +163,7 @@ def _construction(dtype: torch.dtype, init_weights: bool):
 class _PaliGemmaWithExpert(nn.Module):
     def __init__(self, cfg: Pi0Config, init_weights: bool = True) -> None:
         super().__init__()
+        check_transformers_version()
         with _construction(_DTYPES[cfg.vlm_dtype], init_weights):
             self.paligemma = PaliGemmaForConditionalGeneration(paligemma_hf_config(cfg))
         self.paligemma.tie_weights()  # skipped with the initialisation; lm_head shares embed_tokens' weight
@@ -182,6 +215,9 @@ class Pi0Model(nn.Module):
             self.time_mlp_in = nn.Linear(We, We)
             self.time_mlp_out = nn.Linear(We, We)
         self.vlm.to(_DTYPES[cfg.vlm_dtype])
+        for name, p in self.vlm.named_parameters():
+            if any(sel in name for sel in FP32_UNDER_BF16):
+                p.data = p.data.float()
         self.vlm.requires_grad_(False)
         self.vlm.eval()
 
@@ -229,14 +265,31 @@ class Pi0Model(nn.Module):
         """
         m = self.vlm.model
         B, N = images.shape[:2]
-        dt = _DTYPES[self.cfg.vlm_dtype]
-        pix = images.reshape(B * N, *images.shape[2:]).to(dt)
-        img = m.multi_modal_projector(m.vision_tower(pixel_values=pix).last_hidden_state)
+        img = m.multi_modal_projector(self.embed_images(images.reshape(B * N, *images.shape[2:])))
         T = img.shape[1]
         img = img.reshape(B, N * T, -1)
         img_valid = image_masks.bool().repeat_interleave(T, dim=1)
-        lang = m.language_model.embed_tokens(lang_tokens)  # scaled by sqrt(width) inside (Gemma)
+        # Gemma scales token embeddings by sqrt(width). transformers 5.x does it inside embed_tokens (with the scale
+        # rounded to the weight dtype), 4.x in GemmaModel.forward, which this path never calls: scale here, from the
+        # weight, as openpi does (``lang_emb * math.sqrt(dim)``), so no transformers version changes the prompt.
+        w = m.language_model.embed_tokens.weight
+        lang = F.embedding(lang_tokens, w) * math.sqrt(w.shape[-1])
         return torch.cat([img, lang.to(img.dtype)], 1), torch.cat([img_valid, lang_masks.bool()], 1)
+
+    def embed_images(self, pixels: Tensor) -> Tensor:
+        """SigLIP over ``pixels [M, 3, S, S]`` (float in [-1, 1]) -> ``[M, T_img, W_vision]`` in the prefix dtype.
+
+        As openpi: the patch embedding runs in its weight's dtype (float32 under bfloat16, :data:`FP32_UNDER_BF16`)
+        and adds the position embedding there; the sum is cast to the encoder's dtype; post-LayerNorm; no pooling.
+        """
+        vt = self.vlm.model.vision_tower
+        vt = getattr(vt, "vision_model", vt)  # SiglipVisionModel wraps a SiglipVisionTransformer in some versions
+        emb = vt.embeddings
+        pe = emb.patch_embedding
+        x = pe(pixels.to(pe.weight.dtype)).flatten(2).transpose(1, 2)
+        x = x + emb.position_embedding.weight[None].to(x.dtype)
+        h = vt.encoder(inputs_embeds=x.to(vt.post_layernorm.weight.dtype)).last_hidden_state
+        return vt.post_layernorm(h)
 
     def prefix_cache(self, emb: Tensor, valid: Tensor, state: Tensor | None = None) -> PrefixContext:
         """Run the prefix language model and keep each layer's keys and values.
@@ -285,7 +338,8 @@ class Pi0Model(nn.Module):
         dt = self.action_in_proj.weight.dtype
         B, H, _ = x_t.shape
         a = self.action_in_proj(x_t.to(dt))
-        temb = sinusoidal_time_embedding(t, c.expert.width, c.min_period, c.max_period).to(dt)
+        # float64 as openpi / lerobot: in float32, 2 pi t / p (up to ~1571) is off by ~1e-4 (velocity ~3e-5)
+        temb = sinusoidal_time_embedding(t, c.expert.width, c.min_period, c.max_period, torch.float64).to(dt)
         if c.variant == "pi0":
             if state is None:
                 raise ValueError("pi0 needs the proprio state for its state token; the context has state=None")

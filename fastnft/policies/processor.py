@@ -28,7 +28,7 @@ from torch import Tensor
 from fastnft.envs.base import STATE_KEY, image_key  # the env writes the keys the processor reads
 from fastnft.policies.image import siglip_pixels
 from fastnft.policies.pi0_config import Pi0Config
-from fastnft.policies.tokenizer import ByteTokenizer, PromptTokenizer, make_tokenizer, pi05_prompt
+from fastnft.policies.tokenizer import ByteTokenizer, PromptTokenizer, make_tokenizer
 
 __all__ = ["STATE_KEY", "NormStats", "Pi0Processor", "image_key"]
 
@@ -171,8 +171,8 @@ class Pi0Processor:
                              "its tokenizer.model or pass lang_tokens / lang_masks")
         task = obs["task"]
         tasks = [task] * state.shape[0] if isinstance(task, str) else list(task)
-        if self.cfg.variant == "pi05":
-            tasks = [pi05_prompt(t, s[: self.cfg.state_dim]) for t, s in zip(tasks, state, strict=True)]
+        if self.cfg.variant == "pi05":  # openpi's prompt: the state's bins, encoded in one piece with the task
+            return self.tokenizer(tasks, device=device, states=state[:, : self.cfg.state_dim])
         return self.tokenizer(tasks, device=device)
 
     def __call__(self, obs: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Tensor]:

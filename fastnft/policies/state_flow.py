@@ -26,23 +26,33 @@ from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
 __all__ = ["StateFlowPolicy", "sinusoidal_time_embedding"]
 
 
-def sinusoidal_time_embedding(t: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
+def sinusoidal_time_embedding(t: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0,
+                              compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """pi0's sine-cosine embedding of the flow time.
 
     Args:
         t: ``[N]`` flow time in [0, 1].
         dim: even embedding width.
+        compute_dtype: dtype of the periods, the arguments and sin / cos. pi0 / pi0.5 pass float64, as openpi's and
+            lerobot's ``create_sinusoidal_pos_embedding`` do: in float32 the argument ``2 pi t / p`` (up to
+            ``2 pi / 4e-3 ~ 1571``) carries a rounding error of ~1e-4 that reaches the velocity (~3e-5).
+            Devices without float64 (MPS) fall back to float32.
 
     Returns:
         ``[N, dim]`` float32: ``[sin(2 pi t / p_k), cos(2 pi t / p_k)]`` over geometric periods
         ``p_k`` from ``min_period`` to ``max_period``.
+
+    Raises:
+        ValueError: odd ``dim``.
     """
     if dim % 2:
         raise ValueError(f"time embedding width must be even, got {dim}")
-    frac = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float32)
+    if t.device.type == "mps" and compute_dtype == torch.float64:
+        compute_dtype = torch.float32
+    frac = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=compute_dtype)
     period = min_period * (max_period / min_period) ** frac
-    arg = t.float()[:, None] * (2.0 * math.pi / period)[None, :]
-    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+    arg = t.to(compute_dtype)[:, None] * (2.0 * math.pi / period)[None, :]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).float()
 
 
 class _Block(nn.Module):

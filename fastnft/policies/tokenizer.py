@@ -3,35 +3,59 @@
 :class:`ByteTokenizer` serves randomly initialised policies (``policy.checkpoint: null``, CPU smoke runs): there is no
 pretrained vocabulary to match, so UTF-8 bytes are the tokens.
 
-Format (openpi / PaliGemma): ``[BOS] + tokens(clean(prompt)) + tokens("\\n")``, right-padded with id 0 to
-``max_length``; ``clean`` strips the prompt and turns ``_`` and newlines into spaces (task names such as
-``pick_cube`` read as words). pi0.5 puts the discretised state in the prompt (:func:`pi05_prompt`).
+Formats, token for token as openpi's ``PaligemmaTokenizer.tokenize`` (``src/openpi/models/tokenizer.py``), right-padded
+with id 0 to ``max_length``; ``clean`` strips the task and turns ``_`` and newlines into spaces (``pick_cube`` reads
+as words):
+
+- pi0: ``[BOS] + tokens(clean(task)) + tokens("\\n")`` (the newline, the "start of answer", encoded on its own);
+- pi0.5: ``[BOS] + tokens("Task: <clean(task)>, State: <bins>;\\nAction: ")`` encoded in one piece, newline and
+  trailing space included (:func:`pi05_prompt`, :func:`discretize_state`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ByteTokenizer", "PromptTokenizer", "TokenizerError", "make_tokenizer", "pi05_prompt"]
+__all__ = ["ByteTokenizer", "PromptTokenizer", "TokenizerError", "discretize_state", "make_tokenizer", "pi05_prompt"]
 
 
 class TokenizerError(ValueError):
     """The tokenizer file is missing or unreadable, or a prompt does not fit; the message names the fix."""
 
 
+def discretize_state(state: Tensor, bins: int = 256) -> list[int]:
+    """pi0.5's state bins: openpi's ``np.digitize(state, np.linspace(-1, 1, bins + 1)[:-1]) - 1``, computed with
+    that very numpy call (float64 edges).
+
+    Args:
+        state: ``[state_dim]`` normalised state (nominally in [-1, 1]).
+
+    Returns:
+        one int per entry: ``k`` for ``-1 + 2k/bins <= x < -1 + 2(k+1)/bins``; values ``>= 1 - 2/bins`` give
+        ``bins - 1`` and values below -1 give **-1** (openpi does not clamp; neither does this).
+
+    Raises:
+        ValueError: a non-finite entry (openpi would silently write bin ``bins - 1`` for NaN).
+    """
+    x = state.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    if not np.isfinite(x).all():
+        raise ValueError(f"pi0.5 prompt: the normalised state has non-finite entries {x.tolist()}; check the "
+                         "state statistics (a zero std or q01 == q99) and the env's observation")
+    return (np.digitize(x, bins=np.linspace(-1, 1, bins + 1)[:-1]) - 1).tolist()
+
+
 def pi05_prompt(task: str, state: Tensor, bins: int = 256) -> str:
-    """pi0.5's prompt with the state: ``"Task: <task>, State: <ids>;\\nAction: "``.
+    """pi0.5's prompt with the state, openpi's string: ``"Task: <clean(task)>, State: <bins>;\\nAction: "``.
 
     Args:
         task: instruction.
-        state: ``[state_dim]`` normalised to [-1, 1]; each entry becomes its bin index in ``0..bins-1``.
+        state: ``[state_dim]`` normalised state, unpadded; each entry becomes its bin (:func:`discretize_state`).
     """
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[:-1]
-    ids = (torch.bucketize(state.float().clamp(-1, 1), edges, right=True) - 1).clamp(0, bins - 1)
-    return f"Task: {_clean(task)}, State: {' '.join(str(int(i)) for i in ids)};\nAction: "
+    return f"Task: {_clean(task)}, State: {' '.join(map(str, discretize_state(state, bins)))};\nAction: "
 
 
 def _clean(text: str) -> str:
@@ -69,13 +93,28 @@ class PromptTokenizer:
         """Pieces in the model (must be <= the language model's vocabulary)."""
         return int(self.sp.get_piece_size())
 
-    def encode_one(self, prompt: str) -> list[int]:
-        """Token ids of one prompt, unpadded and untruncated: ``[BOS] + tokens(clean) + tokens("\\n")``."""
+    def _bos(self) -> list[int]:
         bos = self.sp.bos_id()
-        return ([bos] if bos >= 0 else []) + self.sp.encode(_clean(prompt)) + self.sp.encode("\n")
+        return [bos] if bos >= 0 else []
 
-    def __call__(self, prompts: list[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """Tokenize a batch.
+    def _pieces(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_one(self, prompt: str, state: Tensor | None = None) -> list[int]:
+        """Token ids of one prompt, unpadded and untruncated.
+
+        Args:
+            prompt: the task instruction.
+            state: None for pi0 (``[BOS] + tokens(clean(prompt)) + tokens("\\n")``); pi0.5's normalised
+                ``[state_dim]`` state (``[BOS] + tokens(pi05_prompt(prompt, state))``, one piece).
+        """
+        if state is not None:
+            return self._bos() + self._pieces(pi05_prompt(prompt, state))
+        return self._bos() + self._pieces(_clean(prompt)) + self._pieces("\n")
+
+    def __call__(self, prompts: list[str], device: torch.device | str | None = None,
+                 states: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Tokenize a batch; ``states [B, state_dim]`` (pi0.5) puts each row's bins in its prompt.
 
         Returns:
             ``(ids [B, L] int64, mask [B, L] bool)``, padding id 0 with mask False.
@@ -86,8 +125,10 @@ class PromptTokenizer:
         L = self.max_length
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+        if states is not None and len(states) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(states)} states; pass one state row per prompt")
         for i, p in enumerate(prompts):
-            toks = self.encode_one(p)
+            toks = self.encode_one(p, None if states is None else states[i])
             if len(toks) > L and not self.truncate:
                 raise TokenizerError(f"prompt {p!r} has {len(toks)} tokens > pi0.tokenizer_max_length={L}; "
                                      "raise it or shorten the instruction")
@@ -100,7 +141,8 @@ class PromptTokenizer:
 class ByteTokenizer(PromptTokenizer):
     """UTF-8 byte tokens in pi0's prompt format, for randomly initialised policies (no tokenizer file).
 
-    Ids: 0 padding, 1 BOS, ``3 + byte`` for each byte of ``clean(prompt) + "\\n"``; so the language model's
+    Ids: 0 padding, 1 BOS, ``3 + byte`` for each byte of the prompt string (pi0: ``clean(prompt) + "\\n"``; pi0.5:
+    :func:`pi05_prompt`); so the language model's
     vocabulary must hold at least :attr:`vocab_size` = 259 ids.
 
     Args:
@@ -118,8 +160,11 @@ class ByteTokenizer(PromptTokenizer):
     def vocab_size(self) -> int:
         return self.OFFSET + 256
 
-    def encode_one(self, prompt: str) -> list[int]:
-        return [1] + [self.OFFSET + b for b in (_clean(prompt) + "\n").encode("utf-8")]
+    def _bos(self) -> list[int]:
+        return [1]
+
+    def _pieces(self, text: str) -> list[int]:
+        return [self.OFFSET + b for b in text.encode("utf-8")]
 
 
 def make_tokenizer(kind: str | None, model_file: str | Path | None, max_length: int) -> PromptTokenizer | None:
