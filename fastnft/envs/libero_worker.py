@@ -14,8 +14,9 @@ the original stdout; everything LIBERO and robosuite print goes to stderr. Comma
   observation.
 * ``step(action)``: one 20 Hz OSC_POSE step with a ``[7]`` float action in ``[-1, 1]``; returns
   ``(obs, reward, success)``; success is LIBERO's BDDL goal check (the same test as its ``done``).
-* ``get_state()`` / ``object_positions()`` / ``place_object(name, pos)``: the flattened sim state, the world
-  positions of the task's objects, and teleporting one object (free joint) for tests.
+* ``get_state()`` / ``object_positions()`` / ``place_object(name, pos)`` / ``raw_frames()``: the flattened sim
+  state, the world positions of the task's objects, teleporting one object (free joint), and the unrotated frames,
+  for tests and diagnostics.
 * ``close()``.
 
 Observation: ``{"state": [8] float32, <camera>: [H, W, 3] uint8}`` with state ``eef_pos (3) + axis-angle of
@@ -100,6 +101,11 @@ class Worker:
     def step(self, action: np.ndarray) -> tuple[dict, float, bool]:
         raw, reward, done, _ = self.env.step(np.asarray(action, dtype=np.float64).reshape(7))
         return self._obs(raw), float(reward), bool(done)
+
+    def raw_frames(self) -> dict[str, np.ndarray]:
+        """The cameras' frames as MuJoCo renders them (not rotated), re-rendered at the current state."""
+        raw = self.env.env._get_observations(force_update=True)
+        return {c: np.array(raw[f"{CAMERA_NAMES[c]}_image"]) for c in self.cameras}
 
     def get_state(self) -> np.ndarray:
         return np.asarray(self.env.get_sim_state(), dtype=np.float64)
