@@ -116,12 +116,17 @@ class EnvConfig:
     """LIBERO: ``shared`` = training and evaluation draw from the same 500 (task, init state) pairs, as in the
     paper (LIBERO has no held-out init states); ``heldout`` = training uses states 0-39, evaluation (seeds >=
     ``eval_seed``) states 40-49."""
+    delta_actions: bool = False
+    """LIBERO: the policy outputs ``actions[:6] - state[:6]`` (RLinf's ``extra_delta_transform`` of its pi0
+    LIBERO checkpoints; pi0.5's do not use it); the env adds ``observation.state[:6]`` of the observation the policy
+    saw (the chunk's first) back to every action of the chunk before stepping (openpi's ``AbsoluteActions``)."""
     libero_gl: Literal["egl", "osmesa"] = "egl"
     """LIBERO: MuJoCo's offscreen GL backend (``MUJOCO_GL``, unless already set in the environment): ``egl``
     (Mesa llvmpipe on CPU, the NVIDIA driver on a GPU host) or ``osmesa``."""
 
     def __post_init__(self) -> None:
         libero = self.task in LIBERO_SUITES
+        _require(libero or not self.delta_actions, "env.delta_actions", "applies to LIBERO suites only; remove it")
         if self.max_episode_steps is None:
             self.max_episode_steps = LIBERO_SUITES[self.task] if libero else 100
         _require(self.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1 (or null: the task's default)")

@@ -132,7 +132,8 @@ class LiberoVectorEnv(VectorEnv):
 
     Args:
         cfg: env config; uses ``task`` (the suite), ``obs_mode``, ``cameras``, ``camera_slots``, ``image_size``,
-            ``max_episode_steps`` (null = the suite's limit), ``libero_split``, ``eval_seed``, ``libero_gl``.
+            ``max_episode_steps`` (null = the suite's limit), ``libero_split``, ``eval_seed``, ``delta_actions``,
+            ``libero_gl``.
         num_envs: N worker processes (each ~2.2 GiB RSS with two cameras; see docs/libero.md).
 
     Attributes:
@@ -164,6 +165,7 @@ class LiberoVectorEnv(VectorEnv):
         self.obs_dim, self.act_dim = STATE_DIM, ACT_DIM
         self.max_episode_steps = int(cfg.max_episode_steps or EPISODE_LIMITS[self.suite])
         self.split, self.eval_seed = cfg.libero_split, cfg.eval_seed
+        self.delta_actions = bool(cfg.delta_actions)
         self.action_low = -torch.ones(ACT_DIM)
         self.action_high = torch.ones(ACT_DIM)
         self.tasks = suite_tasks(self.suite)  # verifies every LIBERO file and sets LIBERO_CONFIG_PATH
@@ -229,6 +231,16 @@ class LiberoVectorEnv(VectorEnv):
             self._last[i] = obs
             reward[i], success[i] = r, s
         return self._batch(self._last), reward, success
+
+    def step_chunk(self, actions: Tensor) -> Any:
+        """Execute ``[N, C, 7]`` actions step by step (see :meth:`VectorEnv.step_chunk`). With
+        ``env.delta_actions`` the policy's actions are ``a[:6] - state[:6]``: the state of the observation the
+        policy saw (the last one) is added back to every step of the chunk first (RLinf / openpi)."""
+        if self.delta_actions and self._obs is not None:
+            state = self._obs[STATE_KEY] if isinstance(self._obs, dict) else self._obs
+            actions = actions.clone()
+            actions[..., :6] += state[:, None, :6].to(actions.device, actions.dtype)
+        return super().step_chunk(actions)
 
     def close(self) -> None:
         """Stop the worker processes. Idempotent; also runs at garbage collection and interpreter exit."""
