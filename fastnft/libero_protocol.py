@@ -124,7 +124,8 @@ def _versions() -> dict[str, str]:
             out[dist] = "not installed"
     from fastnft.envs.libero_assets import MANIFEST
 
-    out["libero_upstream"] = MANIFEST.read_text().splitlines()[0].lstrip("# ").split(":")[0]
+    head = MANIFEST.read_text().splitlines()[0]
+    out["libero_upstream"] = head[head.find("(") + 1:head.find(")")] if "(" in head else head
     return out
 
 
@@ -190,6 +191,19 @@ def to_markdown(summary: dict[str, Any], instructions: dict[str, list[str]] | No
     return "\n".join(lines) + "\n"
 
 
+def _match_workers(pairs: list[tuple[int, int]], worker_tasks: list[int]) -> list[int]:
+    """An order of ``pairs`` that gives each worker a pair of the task its sim already holds where possible (a new
+    task rebuilds the sim: a hard reset, about twice a soft one's cost). Returns indices into ``pairs``."""
+    free = list(range(len(pairs)))
+    slots: list[int | None] = [None] * len(pairs)
+    for i, task in enumerate(worker_tasks[:len(pairs)]):
+        j = next((j for j in free if pairs[j][0] == task), None)
+        if j is not None:
+            slots[i] = j
+            free.remove(j)
+    return [s if s is not None else free.pop(0) for s in slots]
+
+
 def run_libero_protocol(run_round: RunRound, out_dir: str | os.PathLike, suites: Sequence[str], *,
                         tasks: Sequence[int] | None = None, states: Sequence[int] | None = None,
                         num_envs: int = 1, name: str = "policy", meta: dict[str, Any] | None = None,
@@ -229,7 +243,8 @@ def run_libero_protocol(run_round: RunRound, out_dir: str | os.PathLike, suites:
 
     for suite in suites:
         done = log.results()
-        todo = [(t, k) for t in tasks for k in states if (suite, t, k) not in done]
+        # state-major: each round mixes the tasks alike, so workers keep their task's sim from round to round
+        todo = [(t, k) for k in states for t in tasks if (suite, t, k) not in done]
         for i in range(0, len(todo), num_envs):
             pairs = todo[i:i + num_envs]
             res = run_round(suite, pairs)
@@ -276,13 +291,18 @@ def libero_eval(cfg: Any, policy: Any, *, suites: Sequence[str], out_dir: str | 
                                           libero_split="shared")
             envs[suite] = LiberoVectorEnv(env_cfg, num_envs=cfg.env.num_envs)
         env = envs[suite]
+        order = _match_workers(pairs, [t for t, _ in env.episodes])
+        pairs = [pairs[j] for j in order]
         seeds = [seed_for_episode(t, k, cfg.env.eval_seed) for t, k in pairs]
         assert [episode_for_seed(s) for s in seeds] == pairs
         # evaluate_policy's noise rule (seed 0, the round's first episode seed), per-episode steps kept here
         _, st = run_episodes(policy, env, sch, seeds, stochastic=False, record=False,
                              generator=make_generator(device, seeds[0]), device=device)
-        return [(bool(a), int(b)) for a, b in zip(st.episode_success.tolist(), st.episode_steps.tolist(),
-                                                   strict=True)]
+        res = list(zip(st.episode_success.tolist(), st.episode_steps.tolist(), strict=True))
+        back = [None] * len(order)
+        for pos, j in enumerate(order):
+            back[j] = (bool(res[pos][0]), int(res[pos][1]))
+        return back  # type: ignore[return-value]
 
     meta = {"policy": policy_source, "num_steps": cfg.policy.num_steps, "image_size": cfg.env.image_size,
             "cameras": list(cfg.env.cameras), "camera_slots": dict(cfg.env.camera_slots), "limits": limits,

@@ -95,3 +95,14 @@ def test_parsers():
         parse_suites("libero_90", "libero_goal")
     with pytest.raises(ValueError, match="--states"):
         parse_indices("50", 50, "--states")
+
+
+def test_rounds_keep_each_worker_on_its_task():
+    from fastnft.libero_protocol import _match_workers
+
+    pairs = [(0, 1), (1, 1), (2, 1)]
+    order = _match_workers(pairs, [2, 0, 1])  # the workers' current tasks
+    assert [pairs[j][0] for j in order] == [2, 0, 1]
+    assert sorted(_match_workers(pairs, [])) == [0, 1, 2]  # first round: any order
+    order = _match_workers([(0, 1), (0, 2), (1, 1)], [1, 1, 1])
+    assert sorted(order) == [0, 1, 2] and order[0] == 2
