@@ -47,8 +47,7 @@ def measure(cameras: list[str], image_size: int, steps: int) -> dict:
     env = LiberoVectorEnv(cfg, num_envs=1)
     try:
         pid = env.worker_pids()[0]
-        out: dict = {"cameras": cameras, "image_size": image_size if cameras else None,
-                     "idle_worker_rss_mib": _status_kib(pid, "VmRSS") / 1024}
+        out: dict = {"cameras": cameras, "image_size": image_size if cameras else None}
         seed_a, seed_b = seed_for_episode(0, 0, 0), seed_for_episode(0, 1, 0)
         c0, w0 = _cpu_s(pid), time.perf_counter()
         env.reset([seed_a])  # builds the sim (a new task): LIBERO's hard reset, + 15 settling steps

@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"held-out success {h[0]['success_rate']:.3f} -> {h[-1]['success_rate']:.3f}; run dir {out['run_dir']}")
 
 
-def _load_eval_policy(args: argparse.Namespace, cfg):  # noqa: ANN202 - a FlowPolicy
+def _load_eval_policy(args: argparse.Namespace, cfg):  # -> FlowPolicy (imported lazily)
     from fastnft.policies.io import load_policy, load_run_policy
     from fastnft.sft import sft_checkpoint_path
 

@@ -171,8 +171,8 @@ def to_markdown(summary: dict[str, Any], instructions: dict[str, list[str]] | No
     """The paper's table (success rate in %, 95 % interval in brackets) and one per-task table per suite."""
     suites = list(summary["suites"])
     head = "| Policy | " + " | ".join(SUITE_TITLES[s] for s in suites) + " | Avg. |"
-    lines = ["# LIBERO evaluation", "", "Success rate (%) with 95 % Wilson interval; episodes per suite in the "
-             "per-task tables.", "", head, "|" + "---|" * (len(suites) + 2)]
+    caption = "Success rate (%) with 95 % Wilson interval; episodes per suite in the per-task tables."
+    lines = ["# LIBERO evaluation", "", caption, "", head, "|" + "---|" * (len(suites) + 2)]
     cells = [_pct(summary["suites"][s]["success_rate"], summary["suites"][s]["ci95"]) for s in suites]
     lines.append(f"| {summary['policy']} | " + " | ".join(cells) + f" | {_pct(summary['average'])} |")
     if not summary["complete"]:

@@ -55,6 +55,8 @@ from fastnft.envs.libero_suites import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; requires-python is 3.10
+
     from fastnft.config import EnvConfig
 
 __all__ = ["LIBERO_CAMERAS", "LiberoVectorEnv", "is_libero_task"]
@@ -75,7 +77,7 @@ class _Worker:
     """One worker process: pickled commands on its stdin, pickled replies on its stdout, its log in a file."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="fastnft-libero-worker-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="fastnft-libero-worker-", suffix=".log", delete=False)  # noqa: SIM115 - the worker's stderr for its lifetime
         self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, close_fds=True)
 
@@ -107,7 +109,7 @@ class _Worker:
             try:
                 self.send("close")
                 self.proc.wait(timeout=10)
-            except Exception:  # noqa: BLE001 - best effort; killed below
+            except Exception:  # noqa: BLE001, S110 - best effort; killed below
                 pass
         if self.proc.poll() is None:
             self.proc.kill()
@@ -249,7 +251,7 @@ class LiberoVectorEnv(VectorEnv):
             fin()
         self._workers = []
 
-    def __enter__(self) -> LiberoVectorEnv:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

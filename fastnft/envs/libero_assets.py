@@ -79,7 +79,7 @@ def read_manifest(path: str | os.PathLike = MANIFEST) -> list[ManifestEntry]:
 def git_blob_sha1(path: str | os.PathLike) -> str:
     """Git's blob id of a file: SHA-1 of ``b"blob <size>\\0" + content`` (what ``git hash-object`` prints)."""
     data = Path(path).read_bytes()
-    h = hashlib.sha1(b"blob %d\0" % len(data))  # noqa: S324 - git's object id, not a security hash of our own
+    h = hashlib.sha1(b"blob %d\0" % len(data))  # git's object id, not a security hash
     h.update(data)
     return h.hexdigest()
 

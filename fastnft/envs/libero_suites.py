@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,7 @@ def _check_suite(suite: str) -> None:
         raise ValueError(f"unknown LIBERO suite {suite!r}: choose one of {', '.join(SUITES)} (env.task)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def suite_tasks(suite: str) -> tuple[LiberoTask, ...]:
     """The 10 tasks of ``suite`` in LIBERO's task order 0, with the paths of their verified files.
 

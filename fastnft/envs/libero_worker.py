@@ -36,7 +36,7 @@ import traceback
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 CAMERA_NAMES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 """fastnft's camera name -> LIBERO's (robosuite's) camera name."""
@@ -69,8 +69,8 @@ class Worker:
         if self.env is not None:
             self.env.close()
             self.env = None
-        kw = dict(bddl_file_name=bddl, horizon=100_000, ignore_done=True, hard_reset=False,
-                  render_gpu_device_id=int(os.environ.get("MUJOCO_EGL_DEVICE_ID", "-1")))
+        kw = {"bddl_file_name": bddl, "horizon": 100_000, "ignore_done": True, "hard_reset": False,
+              "render_gpu_device_id": int(os.environ.get("MUJOCO_EGL_DEVICE_ID", "-1"))}
         if cameras:
             self.env = OffScreenRenderEnv(camera_names=[CAMERA_NAMES[c] for c in cameras],
                                           camera_heights=image_size, camera_widths=image_size, **kw)
@@ -113,7 +113,7 @@ class Worker:
     def object_positions(self) -> dict[str, np.ndarray]:
         env = self.env.env
         out = {}
-        for name, obj in {**env.objects_dict, **env.fixtures_dict}.items():
+        for name in {**env.objects_dict, **env.fixtures_dict}:
             out[name] = np.array(env.sim.data.body_xpos[env.obj_body_id[name]], dtype=np.float64)
         return out
 
