@@ -174,6 +174,8 @@ class LiberoVectorEnv(VectorEnv):
         self.episodes: list[tuple[int, int]] = []
         self._last: list[dict[str, np.ndarray]] = []
         env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env.setdefault(var, "1")  # one sim per process: N workers with N BLAS thread pools would oversubscribe
         env.setdefault("MUJOCO_GL", cfg.libero_gl)
         if env["MUJOCO_GL"] == "osmesa":
             env.setdefault("PYOPENGL_PLATFORM", "osmesa")
