@@ -176,6 +176,14 @@ def link_assets(root: str | os.PathLike | None = None, source: str | os.PathLike
         not (Path(d) / f).is_symlink() for d, _, fs in os.walk(dest) for f in fs)
     if real_files:
         return dest
+    want = {e.path.partition("/")[2]: (source / e.path.partition("/")[2]).resolve() for e in entries}
+    if dest.is_dir() and not dest.is_symlink():
+        have = {(Path(d) / f).relative_to(dest).as_posix(): (Path(d) / f).resolve()
+                for d, _, fs in os.walk(dest) for f in fs}
+        if have == want:  # already linked: check the files, leave the folder alone (other processes may use it)
+            for e in entries:
+                _check_file(source / e.path.partition("/")[2], e)
+            return dest
     tmp = root / f".assets-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
