@@ -7,6 +7,7 @@
     fastnft sft --config configs/pickcube_stepnft.yaml           # few-shot flow-matching SFT
     fastnft train --config configs/pickcube_stepnft.yaml [--resume] [--dry-run]
     fastnft eval --config configs/pickcube_stepnft.yaml [--policy data/sft/....pt | --run runs/pickcube_stepnft]
+    fastnft eval --config configs/libero_object_pi0.yaml --protocol libero [--suites all] [--run DIR]
     fastnft grid --spec configs/grids/pickcube.yaml [--list | --summarize | --only RUN]   # the evidence grid
 
 Every command takes ``--set section.key=value`` overrides. Errors in the input (config, checkpoint, flags, missing
@@ -60,31 +61,41 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"held-out success {h[0]['success_rate']:.3f} -> {h[-1]['success_rate']:.3f}; run dir {out['run_dir']}")
 
 
+def _load_eval_policy(args: argparse.Namespace, cfg):  # -> FlowPolicy (imported lazily)
+    from fastnft.experiments.sft import sft_checkpoint_path
+    from fastnft.policies.io import load_policy, load_run_policy
+
+    if cfg.policy.kind == "pi0":  # a pi0 run's result is its lerobot-layout directory
+        from fastnft.policies.pi0 import Pi0Policy
+
+        path = args.policy or Path(args.run or cfg.run_dir) / "policy_final"
+        norm = {k: v for k, v in (cfg.policy.pi0 or {}).items() if k in ("normalization", "asset_id")}
+        return Pi0Policy.load(path, num_steps=cfg.policy.num_steps, n_action_steps=cfg.policy.n_action_steps, **norm)
+    if args.run:
+        policy, it = load_run_policy(args.run, cfg, sft_checkpoint_path(cfg))
+        print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)
+        return policy
+    policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
+    return policy
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from fastnft.config import load_config
     from fastnft.devices import resolve_device
     from fastnft.envs import make_env
-    from fastnft.experiments.sft import sft_checkpoint_path
     from fastnft.loop.evaluate import evaluate_policy
-    from fastnft.policies.io import load_policy, load_run_policy
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
+    if args.protocol == "libero":  # every (task, init state) pair once; tables in --out
+        from fastnft.experiments.libero_protocol import run_protocol_command
+
+        run_protocol_command(args, cfg, lambda: _load_eval_policy(args, cfg).to(device), device)
+        return
     n = args.episodes or cfg.train.eval_episodes
     env = make_env(cfg.env)  # first: an unknown task or a missing simulator is the first thing to report
     try:
-        if cfg.policy.kind == "pi0":  # a pi0 run's result is its lerobot-layout directory
-            from fastnft.policies.pi0 import Pi0Policy
-
-            path = args.policy or Path(args.run or cfg.run_dir) / "policy_final"
-            norm = {k: v for k, v in (cfg.policy.pi0 or {}).items() if k in ("normalization", "asset_id")}
-            policy = Pi0Policy.load(path, num_steps=cfg.policy.num_steps, n_action_steps=cfg.policy.n_action_steps,
-                                    **norm)
-        elif args.run:
-            policy, it = load_run_policy(args.run, cfg, sft_checkpoint_path(cfg))
-            print(f"EMA policy of {args.run} at iteration {it}", file=sys.stderr)
-        else:
-            policy, _ = load_policy(args.policy or sft_checkpoint_path(cfg), cfg)
+        policy = _load_eval_policy(args, cfg)
         policy.to(device)
         res = evaluate_policy(policy, env, [cfg.env.eval_seed + j for j in range(n)], cfg.policy.num_steps,
                               device=device, seed=0)  # the trainer's evaluation noise: comparable numbers
@@ -169,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--policy", default=None, help="policy file (default: the config's SFT policy)")
     src.add_argument("--run", default=None, help="a training run directory: evaluate its latest EMA policy")
     e.add_argument("--episodes", type=int, default=None, help="held-out episodes (default train.eval_episodes)")
+    e.add_argument("--protocol", choices=["libero"], default=None,
+                   help="libero: the LIBERO protocol, every (task, init state) pair once (docs/libero.md)")
+    e.add_argument("--suites", default=None, help="--protocol libero: 'all' or comma-separated suites "
+                   "(default env.task)")
+    e.add_argument("--tasks", default=None, help="--protocol libero: task indices, e.g. 0,1 (default all 10)")
+    e.add_argument("--states", default=None, help="--protocol libero: init-state indices (default all 50)")
+    e.add_argument("--out", default=None, help="--protocol libero: output folder (default <run_dir>/libero_eval); "
+                   "resumed if it holds episodes")
     e.set_defaults(func=_cmd_eval)
     pl = sub.add_parser("pipeline", help="demos -> SFT -> StepNFT -> evaluation -> report")
     _common(pl)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "LIBERO_SUITES",
     "OBS_MODES",
     "TASK_INSTRUCTIONS",
     "ConfigError",
@@ -62,6 +63,9 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 """Built-in language instructions of ManiSkill3 tasks (ManiSkill gives none; these follow each task's description),
 used by ``obs_mode: rgb`` when ``env.instruction`` is empty."""
 
+LIBERO_SUITES: dict[str, int] = {"libero_spatial": 240, "libero_object": 240, "libero_goal": 320, "libero_10": 480}
+"""LIBERO suites (``env.task``) and their default episode limits in env steps (``fastnft.envs.libero_suites``)."""
+
 # Keys that were renamed: an old YAML or override gets the new name instead of "unknown key".
 _RENAMED = {"policy.chunk": "policy.n_action_steps"}
 
@@ -71,7 +75,8 @@ class EnvConfig:
     """Vectorised simulator (SPEC notation: one env step executes one action of a chunk)."""
 
     task: str = "PickCube-v1"
-    """Task id: a ManiSkill3 env id (``PickCube-v1``) or ``bandit`` (synthetic contextual bandit, no simulator)."""
+    """Task id: a ManiSkill3 env id (``PickCube-v1``), a LIBERO suite (``libero_spatial``, ``libero_object``,
+    ``libero_goal``, ``libero_10``; docs/libero.md) or ``bandit`` (synthetic contextual bandit, no simulator)."""
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller. ``pd_ee_delta_pos`` (end-effector deltas + gripper) is what the policy learns."""
     obs_mode: str = "state"
@@ -81,15 +86,22 @@ class EnvConfig:
     policies. Demonstrations and SFT are state-only."""
     cameras: list[str] = field(default_factory=lambda: ["base_camera"])
     """ManiSkill sensor names whose RGB frames ``obs_mode: rgb`` returns, in this order (PickCube-v1 has one,
-    ``base_camera``; a wrist camera needs a robot that has one, e.g. ``panda_wristcam``). Ignored for ``state``."""
+    ``base_camera``; a wrist camera needs a robot that has one, e.g. ``panda_wristcam``). LIBERO: ``agentview``
+    and/or ``wrist``. Ignored for ``state``."""
+    camera_slots: dict[str, str] = field(default_factory=dict)
+    """LIBERO: observation key of each camera, ``{camera: slot}`` -> ``observation.images.<slot>``, so frames reach
+    the policy's camera slots by name (e.g. ``{agentview: base_0_rgb, wrist: left_wrist_0_rgb}`` for an openpi
+    checkpoint); a camera not listed keeps its own name. Ignored for ``state``."""
     image_size: int | None = None
     """Render every camera at ``image_size x image_size`` pixels (ManiSkill's ``sensor_configs``); null = the
-    task's default (128 x 128 for PickCube-v1). Ignored for ``state``."""
+    task's default (128 x 128 for PickCube-v1, 256 x 256 for LIBERO). Ignored for ``state``."""
     instruction: str = ""
     """Language instruction sent as ``task`` with ``obs_mode: rgb``; empty = the built-in one for the task
-    (:data:`TASK_INSTRUCTIONS`). Ignored for ``state``."""
-    max_episode_steps: int = 100
-    """Episode length limit in env steps (PickCube-v1's default of 50 cuts most motion-planned demos)."""
+    (:data:`TASK_INSTRUCTIONS`). Ignored for ``state`` and for LIBERO (each env sends its own task's)."""
+    max_episode_steps: int | None = None
+    """Episode length limit in env steps; null = the task's default: 100 for ManiSkill and bandit tasks
+    (PickCube-v1's own 50 cuts most motion-planned demos), 240 / 240 / 320 / 480 for LIBERO Spatial / Object /
+    Goal / Long. Resolved when the config is built, so it is always an int afterwards."""
     num_envs: int = 8
     """Parallel environments (on CPU: single-env ManiSkill copies in spawned subprocesses)."""
     sim_backend: Literal["cpu", "gpu", "auto"] = "cpu"
@@ -100,9 +112,35 @@ class EnvConfig:
     """Training episodes use seeds ``train_seed + k`` (k counts episodes across iterations)."""
     eval_seed: int = 1_000_000
     """Held-out evaluation episodes use seeds ``eval_seed + j``; must not overlap any training/demo seed."""
+    libero_split: Literal["shared", "heldout"] = "shared"
+    """LIBERO: ``shared`` = training and evaluation draw from the same 500 (task, init state) pairs, as in the
+    paper (LIBERO has no held-out init states); ``heldout`` = training uses states 0-39, evaluation (seeds >=
+    ``eval_seed``) states 40-49."""
+    delta_actions: bool = False
+    """LIBERO: the policy outputs ``actions[:6] - state[:6]`` (RLinf's ``extra_delta_transform`` of its pi0
+    LIBERO checkpoints; pi0.5's do not use it); the env adds ``observation.state[:6]`` of the observation the policy
+    saw (the chunk's first) back to every action of the chunk before stepping (openpi's ``AbsoluteActions``)."""
+    libero_gl: Literal["egl", "osmesa"] = "egl"
+    """LIBERO: MuJoCo's offscreen GL backend (``MUJOCO_GL``, unless already set in the environment): ``egl``
+    (Mesa llvmpipe on CPU, the NVIDIA driver on a GPU host) or ``osmesa``."""
 
     def __post_init__(self) -> None:
-        _require(self.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1")
+        libero = self.task in LIBERO_SUITES
+        _require(libero or not self.delta_actions, "env.delta_actions", "applies to LIBERO suites only; remove it")
+        if self.max_episode_steps is None:
+            self.max_episode_steps = LIBERO_SUITES[self.task] if libero else 100
+        _require(self.max_episode_steps >= 1, "env.max_episode_steps", "must be >= 1 (or null: the task's default)")
+        _require(self.libero_split in ("shared", "heldout"), "env.libero_split",
+                 f"must be 'shared' or 'heldout', got {self.libero_split!r}")
+        _require(self.libero_gl in ("egl", "osmesa"), "env.libero_gl", f"must be 'egl' or 'osmesa', got {self.libero_gl!r}")
+        if libero and self.obs_mode == "rgb":
+            bad = [c for c in self.cameras if c not in ("agentview", "wrist")]
+            _require(not bad, "env.cameras", f"LIBERO's cameras are 'agentview' and 'wrist', got {bad!r}; e.g. "
+                     "env.cameras=[agentview,wrist]")
+        _require(all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.camera_slots.items()),
+                 "env.camera_slots", f"must map camera names to slot names, got {self.camera_slots!r}")
+        _require(set(self.camera_slots) <= set(self.cameras), "env.camera_slots",
+                 f"names cameras not in env.cameras={self.cameras!r}: {sorted(set(self.camera_slots) - set(self.cameras))}")
         _require(self.num_envs >= 1, "env.num_envs", "must be >= 1")
         _require(self.obs_mode in OBS_MODES, "env.obs_mode",
                  f"must be one of {', '.join(OBS_MODES)}, got {self.obs_mode!r}")
@@ -113,7 +151,7 @@ class EnvConfig:
                      f"'rgb' needs at least one camera name, got {self.cameras!r}; e.g. env.cameras=[base_camera]")
             _require(len(set(self.cameras)) == len(self.cameras), "env.cameras",
                      f"camera names must be distinct, got {self.cameras!r}")
-            _require(bool(self.instruction.strip()) or self.task in TASK_INSTRUCTIONS, "env.instruction",
+            _require(libero or bool(self.instruction.strip()) or self.task in TASK_INSTRUCTIONS, "env.instruction",
                      f"task {self.task!r} has no built-in language instruction (known: "
                      f"{', '.join(TASK_INSTRUCTIONS)}); set env.instruction to the sentence the policy should see")
         _require(self.image_size is None or self.image_size >= 8, "env.image_size",

@@ -16,17 +16,22 @@ __all__ = ["ChunkResult", "StepResult", "VectorEnv", "make_env"]
 
 
 def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
-    """Build the vector env named by ``cfg.task`` (``bandit`` or a ManiSkill3 env id).
+    """Build the vector env named by ``cfg.task`` (``bandit``, a LIBERO suite ``libero_*`` or a ManiSkill3 env id).
 
     Raises:
         ValueError: unknown task name (the message lists the known ones).
-        RuntimeError: the simulator cannot start (e.g. no Vulkan device for SAPIEN; the message says how to fix it).
+        RuntimeError: the simulator cannot start (e.g. no Vulkan device for SAPIEN, LIBERO files missing or
+            modified; the message says how to fix it).
     """
     n = cfg.num_envs if num_envs is None else num_envs
     if cfg.task == "bandit":
         from fastnft.envs.bandit import BanditEnv
 
         return BanditEnv(num_envs=n, chunk=cfg.max_episode_steps)
+    if cfg.task.startswith("libero_"):
+        from fastnft.envs.libero import LiberoVectorEnv
+
+        return LiberoVectorEnv(cfg, num_envs=n)
     from fastnft.envs.maniskill import ManiSkillVectorEnv
 
     return ManiSkillVectorEnv(cfg, num_envs=n)
