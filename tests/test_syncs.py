@@ -42,3 +42,8 @@ def test_sync_free_ops_are_not_counted():
     assert s.total == 0, s.report()
     s.reset()
     assert s.total == 0 and not s.sites
+    with s:
+        with s.pause():
+            x.nonzero()
+        x.nonzero()
+    assert s.counts == {"nonzero": 1}

@@ -24,8 +24,10 @@ no-ops and cannot be told apart), nor are syncs inside custom C++/CUDA extension
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,11 +87,21 @@ class SyncCounter(TorchFunctionMode):
         self.counts: Counter[str] = Counter()
         self.sites: dict[str, Counter[str]] = {}
         self.record_sites = record_sites
+        self._paused = 0
 
     @property
     def total(self) -> int:
         """All syncs counted so far."""
         return sum(self.counts.values())
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Count nothing inside the block (code that is not under test: a CPU env, a CPU stand-in kernel)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def reset(self) -> None:
         """Forget everything counted so far."""
@@ -106,7 +118,7 @@ class SyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = _kind(func, args, kwargs)
+        kind = None if self._paused else _kind(func, args, kwargs)
         if kind is not None:
             self.counts[kind] += 1
             if self.record_sites:

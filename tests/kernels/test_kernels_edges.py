@@ -39,7 +39,7 @@ def test_empty_batch_loss_is_zero_with_an_empty_gradient(mask):
     with torch.no_grad():
         assert float(loss_mod.stepnft_loss(big[0], *big[1:], *coef, m)) == 0.0  # forward-only path
     loss, inv, grad = loss_mod.stepnft_loss_forward(big[0], *big[1:], *coef, m)
-    assert float(inv) == pytest.approx(1 / 5) and grad.shape == (0, 5, 4)  # S7: 1 / (C * max(valid, 1))
+    assert float(loss) == 0.0 and float(inv) == pytest.approx(1 / 5) and grad.shape == (0, 5, 4)  # S7: 1 / (C * max(valid, 1))
 
 
 def test_empty_batch_launches_no_kernel(monkeypatch):
