@@ -2,6 +2,7 @@
 
     python bench/kernel_compile.py                      # full sweep + launch-config tuning -> bench/kernel_compile.json
     python bench/kernel_compile.py --cases ci --no-tuning --out /tmp/ci.json
+    python bench/kernel_compile.py --table              # the Markdown tables of bench/RESULTS.md
 
 One child process per architecture (in parallel, ``TRITON_INTERPRET`` unset) runs :mod:`fastnft.kernels.aot`:
 the real launchers, a stand-in Triton driver for ``GPUTarget("cuda", arch, 32)``, Triton's bundled ptxas. The
@@ -110,13 +111,38 @@ def _child(arch: int, cases: str, tuning: bool, out: str) -> None:
     write_json_atomic(out, res, indent=1, sort_keys=True)
 
 
+def table(path: Path) -> str:
+    """Markdown tables of a result file (for bench/RESULTS.md): the launch-config tuning, then per kernel."""
+    res = json.loads(path.read_text())
+    a, b = res["sm80"], res["sm90"]
+    head = ("| kernel | shape | launch configuration | dtype | sm_80 registers | sm_80 spill B | sm_80 shared B "
+            "| sm_90 registers | sm_90 spill B | sm_90 shared B |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for ta, tb in zip(a["tuning"], b["tuning"], strict=True):
+        name = ta["kernel"] + (f" ({ta['path']})" if "path" in ta else "")
+        lines.append(f"| {name} | {ta['shape']} | {ta['config']} | {ta['dtype']} | {ta['registers']} | "
+                     f"{ta['spill_stores']} | {ta['shared_bytes']} | {tb['registers']} | {tb['spill_stores']} | "
+                     f"{tb['shared_bytes']} |")
+    lines += ["", "| kernel | arch | builds | builds with spills | registers (min-max) | max spill B | max shared B |",
+              "|---|---|---|---|---|---|---|"]
+    for arch, r in (("sm_80", a), ("sm_90", b)):
+        for k, s in sorted(r["summary"].items()):
+            lines.append(f"| {k} | {arch} | {s['builds']} | {s['builds_with_spills']} | {s['min_registers']}-"
+                         f"{s['max_registers']} | {s['max_spill_stores']} | {s['max_shared_bytes']} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", choices=("ci", "full"), default="full")
     p.add_argument("--no-tuning", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "kernel_compile.json"))
+    p.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
     p.add_argument("--child-arch", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.table:
+        print(table(Path(a.out)))
+        return 0
     if a.child_arch:
         _child(a.child_arch, a.cases, not a.no_tuning, a.out)
         return 0

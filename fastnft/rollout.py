@@ -229,8 +229,9 @@ def _obs_snapshot(obs: Obs) -> Obs:
 
 def _compact_round(rnd: dict[str, list], rows: dict[str, list]) -> None:
     """Append the kept rows of one round (full ``[N]`` rows per stored solver step, ``keep`` their mask) to
-    ``rows``: one ``nonzero`` for the round (plus one ``tolist`` when the observation holds lists)."""
-    idx = torch.cat(rnd["keep"]).nonzero().squeeze(1)
+    ``rows``: one boolean selection for the round (plus one ``tolist`` when the observation holds lists)."""
+    keep = torch.cat(rnd["keep"])
+    idx = torch.arange(keep.numel(), device=keep.device)[keep]  # the round's one sync (a mask, as fake CUDA expects)
     for k in _ROW_KEYS:
         rows[k].append(torch.cat(rnd[k]).index_select(0, idx))
     rows["obs"].append(obs_index(obs_cat(rnd["call_obs"]), torch.cat(rnd["obs_row"]).index_select(0, idx)))

@@ -127,9 +127,9 @@ def test_rollout_round_syncs_are_one_per_call_plus_a_constant(steps_per_call):
     syncs, calls = _round_syncs(steps_per_call, max_steps=12)
     longer, calls2 = _round_syncs(steps_per_call, max_steps=24)
     assert (calls, calls2) == (3, 6)
-    # one `any(active)` per policy call; one compaction (nonzero) per round; a few end-of-rollout statistics
+    # one `any(active)` per policy call; one compaction (a mask selection) per round; end-of-rollout statistics
     assert syncs.counts["bool"] == calls and longer.counts["bool"] == calls2, syncs.report()
-    assert syncs.counts["nonzero"] == 1 and syncs.counts["mask_index"] == 0, syncs.report()
+    assert syncs.counts["mask_index"] == 1 and syncs.counts["nonzero"] == 0, syncs.report()
     assert longer.total - syncs.total == calls2 - calls, f"{syncs.report()}\n{longer.report()}"
     assert syncs.total <= calls + 8, syncs.report()
 

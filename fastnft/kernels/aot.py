@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ARCHS", "KernelBuild", "Recorder", "aot_target", "ci_cases", "full_cases", "run_cases"]
+__all__ = ["ARCHS", "KernelBuild", "Recorder", "aot_target", "ci_cases", "full_cases", "ptxas_version", "run_cases"]
 
 ARCHS = (80, 90)
 """Compute capabilities compiled for: A100 (sm_80) and H100 (sm_90a)."""
@@ -147,16 +147,22 @@ def _constexprs(src) -> dict:
 class _StandInDriver:
     """The part of Triton's GPU driver that ``JITFunction.run`` touches, for a device that is not there."""
 
+    _sessions = 0
+
     def __init__(self, rec: Recorder):
         from triton.backends.compiler import GPUTarget
 
         self.rec = rec
         self.target = GPUTarget("cuda", rec.arch, 32)
+        _StandInDriver._sessions += 1
+        self.device_id = 1000 * _StandInDriver._sessions + rec.arch
         self.utils = self
 
     # driver
     def get_current_device(self) -> int:
-        return 1000 + self.rec.arch  # a key of Triton's per-device kernel caches: one per target
+        # the key of Triton's in-memory kernel caches: one per aot_target session, so that every session
+        # compiles (and measures) its kernels afresh
+        return self.device_id
 
     def get_current_stream(self, device) -> int:
         return 0
@@ -191,7 +197,9 @@ class _StandInDriver:
         return {"max_shared_mem": MAX_SHARED[self.rec.arch], "multiprocessor_count": 108, "warpSize": 32}
 
 
-def _ptxas_version(arch: int) -> str:
+def ptxas_version(arch: int) -> str:
+    """Version of the ptxas Triton uses for ``sm_<arch>`` (its bundled CUDA 12.9 one below sm_90, 13.x from
+    sm_90: whether an older driver loads those cubins is not checked here), e.g. ``"13.4.59"``."""
     import subprocess
 
     from triton.backends.nvidia.compiler import get_ptxas
@@ -227,7 +235,7 @@ def aot_target(arch: int) -> Iterator[Recorder]:
     import triton
     from triton.runtime.driver import driver
 
-    rec = Recorder(arch=arch, ptxas=_ptxas_version(arch))
+    rec = Recorder(arch=arch, ptxas=ptxas_version(arch))
     old_active = driver._active
     old_dir, old_dump = triton.knobs.cache.dir, triton.knobs.nvidia.dump_ptxas_log
     with tempfile.TemporaryDirectory(prefix="fastnft-aot-") as cache:
@@ -313,8 +321,9 @@ def ci_cases() -> list[tuple[str, Callable[[], None]]]:
 
 
 def full_cases() -> list[tuple[str, Callable[[], None]]]:
-    """:func:`ci_cases` plus every S8 loss variant with and without mask (float32, bfloat16), float16 and float64,
-    and rollout / micro-batch sizes from 1 up in powers of four (the smaller block sizes the launchers pick)."""
+    """:func:`ci_cases` plus every S8 loss variant with and without mask and rollout / micro-batch sizes from 1 up
+    in powers of four (the smaller block sizes the launchers pick) in float32 and bfloat16, and the default loss
+    and the SDE step in float16 and float64."""
     variants = [{}, {"branches": "positive"}, {"branches": "negative"}, {"loss": "wmse"},
                 {"loss": "wmse", "branches": "positive"}, {"loss": "wmse", "branches": "negative"},
                 {"target": "x0"}, {"max_drift": None}]
@@ -323,12 +332,15 @@ def full_cases() -> list[tuple[str, Callable[[], None]]]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         dn = str(dtype).removeprefix("torch.")
         for s in shapes:
+            if dtype in (torch.float16, torch.float64):
+                cases.append((f"{s.name} sde N={s.rollout_n[-1]} {dn}", lambda s=s, d=dtype: _sde_case(
+                    s, s.rollout_n[-1], d)))
             for kw in variants if dtype in (torch.float32, torch.bfloat16) else [{}]:
                 for mask in (True, False):
                     cases.append((f"{s.name} loss {kw} mask={mask} {dn}", lambda s=s, d=dtype, kw=kw, m=mask:
                                   _loss_case(s, s.micro_batch[0], d, mask=m, grad=True, **kw)))
             n = 1
-            while n <= max(s.micro_batch + s.rollout_n):
+            while dtype in (torch.float32, torch.bfloat16) and n <= max(s.micro_batch + s.rollout_n):
                 cases.append((f"{s.name} loss N={n} {dn}", lambda s=s, n=n, d=dtype: _loss_case(
                     s, n, d, mask=True, grad=True)))
                 cases.append((f"{s.name} sde N={n} {dn}", lambda s=s, n=n, d=dtype: _sde_case(s, n, d)))
