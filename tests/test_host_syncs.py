@@ -138,3 +138,37 @@ def test_rollout_sync_count_is_independent_of_steps_per_call():
     one, _ = _round_syncs(1, max_steps=12)
     four, _ = _round_syncs(4, max_steps=12)
     assert one.counts == four.counts, f"{one.report()}\n{four.report()}"
+
+
+def test_pi0_flash_path_with_reused_packing_equals_sdpa(monkeypatch):
+    """The packing computed once per prefix gives the SDPA velocities, and reusing it changes nothing."""
+    cfg = Pi0Config.tiny("pi0")
+    torch.manual_seed(0)
+    pol = Pi0Policy(cfg).eval()
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.normal_(0, 0.3)
+    B, N, S, L = 3, len(cfg.cameras), cfg.vlm.image_size, cfg.tokenizer_max_length
+    lang = torch.zeros(B, L, dtype=torch.bool)
+    lang[0], lang[1, :3], lang[2, :5] = True, True, True
+    masks = torch.ones(B, N, dtype=torch.bool)
+    masks[1, -1] = False
+    inputs = {"images": torch.rand(B, N, 3, S, S) * 2 - 1, "image_masks": masks,
+              "lang_tokens": torch.randint(1, cfg.vlm.vocab_size, (B, L)) * lang, "lang_masks": lang,
+              "state": torch.randn(B, cfg.max_state_dim)}
+    x, t = torch.randn(B, cfg.chunk_size, cfg.max_action_dim), torch.rand(B)
+    with torch.no_grad():
+        ref = pol.model.velocity(x, t, pol.model.encode(inputs))
+
+    def varlen(q, k, v, *args, **kw):  # flash-attn's 16-bit contract on CPU
+        dt = torch.bfloat16
+        return attention_mod.reference_varlen(q.to(dt), k.to(dt), v.to(dt), *args, **kw).to(q.dtype)
+
+    monkeypatch.setattr(pi0_mod, "resolve_backend", lambda name, device: "flash")
+    monkeypatch.setattr(attention_mod, "_flash_varlen", lambda: varlen)
+    with torch.no_grad():
+        ctx = pol.model.encode(inputs)
+        v1 = pol.model.velocity(x, t, ctx)
+        v2 = pol.model.velocity(x, t, ctx)
+    assert len(ctx._plans) == 1 and torch.equal(v1, v2)
+    assert torch.allclose(v1, ref, atol=0.05 * float(ref.abs().max()), rtol=0), (v1 - ref).abs().max()
