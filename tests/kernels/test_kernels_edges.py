@@ -1,5 +1,6 @@
 """Launcher edge cases of issue 16, under the Triton interpreter: an empty batch (N = 0) launches nothing and
-matches the reference, and a user SDE ``block`` that is not a power of two is refused with the fix."""
+matches the reference, a user SDE ``block`` that is not a power of two is refused with the fix, the GPU launch
+configurations keep few elements per thread (G5), and the sampler with the fused step has no host sync."""
 
 from __future__ import annotations
 
@@ -91,3 +92,16 @@ def test_gpu_launch_configs_keep_few_elements_per_thread():
         block, w = sde_mod._launch_config(quarter, cuda, None)
         assert block <= 4 * 32 * w and block <= 512
     assert sde_mod._launch_config(10**6, cuda, 1024) == (1024, 8)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_sampler_with_the_fused_step_has_no_host_sync(stochastic):
+    """The K-step sampler with the fused SDE step (one Philox seed per call, drawn on the device) reads nothing
+    back to the host (fastnft.testing.syncs)."""
+    from fastnft.sde import flow_sde_schedule, sample_actions
+    from fastnft.testing.syncs import SyncCounter
+
+    with SyncCounter() as syncs:
+        sample_actions(lambda x, t: x * t[:, None, None], torch.randn(5, 6, 2), flow_sde_schedule(4, 0.3),
+                       stochastic=stochastic, generator=torch.Generator().manual_seed(0), step_fn=sde_mod.sde_step)
+    assert syncs.total == 0, syncs.report()
