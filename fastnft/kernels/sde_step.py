@@ -94,6 +94,24 @@ def _coef(c: Tensor, N: int, name: str) -> Tensor:
     return c
 
 
+def _launch_config(quarter: int, device: torch.device, block: int | None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for ``quarter`` Philox counters: BLOCK = 512 on GPU, 65536 in the interpreter, at most
+    ``next_power_of_2(quarter)``; 4 warps up to BLOCK 512 (at most 4 counters, 16 elements, per thread), 8 above.
+
+    At BLOCK 1024 and 4 warps (8 counters per thread) ptxas spills (bench/kernel_compile.json).
+
+    Raises:
+        ValueError: ``block`` is not a positive power of two (``tl.arange`` needs one).
+    """
+    if block is None:
+        block = 512 if device.type == "cuda" else 1 << 16
+    elif block < 1 or block & (block - 1):
+        raise ValueError(f"block must be a positive power of two (Philox counters per program), got {block}; "
+                         f"use {triton.next_power_of_2(max(block, 1))} or leave it None")
+    block = min(block, triton.next_power_of_2(quarter))
+    return block, 4 if block <= 512 else 8
+
+
 def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float, std: Tensor | float, *,
                    seed: int | Tensor | None = None, offset: int = 0, z: Tensor | None = None,
                    block: int | None = None) -> Tensor:
@@ -110,13 +128,13 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
             kernel reads it from memory). Required unless ``z`` is given or ``std == 0``.
         offset: Philox counter offset (see the module docstring for the layout).
         z: optional explicit ``[N, ...]`` standard normal noise (then no Philox draw; matches the reference).
-        block: Philox counters per program (None = 1024 on GPU, 65536 in the interpreter).
+        block: Philox counters per program, a power of two (None = 512 on GPU, 65536 in the interpreter).
 
     Returns:
         ``[N, ...]`` next state, ``x_t``'s dtype. Computed in float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: shapes/dtypes inconsistent, or no seed where noise is needed.
+        ValueError: shapes/dtypes inconsistent, no seed where noise is needed, or ``block`` not a power of two.
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     if x_t.dim() < 1 or v.shape != x_t.shape:
@@ -161,22 +179,20 @@ def fused_sde_step(x_t: Tensor, v: Tensor, A: Tensor | float, B: Tensor | float,
     vv = v.contiguous()
     zz = z.contiguous() if has_z else x
     out = torch.empty_like(x)
+    quarter = triton.cdiv(numel, 4)
+    block, num_warps = _launch_config(quarter, dev, block)  # validates a user block even when numel == 0
     if numel == 0:
         return out
-    quarter = triton.cdiv(numel, 4)
     # x, v, z and out are contiguous here, so numel bounds their offsets; strided [N] coefficients reach
     # (N - 1) * stride. int64 offsets where either reaches 2^31 (element e of the last quarter is 3Q + i).
     int64 = max(numel + 4, N * max(strides, default=0)) >= _INT32_LIMIT
-    if block is None:
-        block = 1024 if dev.type == "cuda" else 1 << 16
-    block = min(block, triton.next_power_of_2(quarter))
     _sde_step_kernel[(triton.cdiv(quarter, block),)](
         x, vv, zz, out, a_t, b_t, s_t, seed_t,
         numel, numel // N, quarter, int(offset), *strides,
         a_val, b_val, std_val,
         CDTYPE=_common.TL_DTYPE[cdt], BLOCK=block,
         NOISE=noise, HAS_Z=has_z, SCALAR_COEF=scalar, RTNE_BF16=_common.rtne_bf16(x_t.dtype),
-        INT64=int64, num_warps=4,
+        INT64=int64, num_warps=num_warps,
     )
     return out
 

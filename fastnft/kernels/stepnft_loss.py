@@ -197,13 +197,20 @@ def offset_bound(*tensors: Tensor) -> int:
 
 
 def _launch_config(T: int, D: int, device: torch.device, block_tokens: int | None) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): ~2k elements per program on GPU; few, large ones in the interpreter."""
+    """(BLOCK_T, BLOCK_D, num_warps): ~1k elements per program over 8 warps on GPU (4 per thread); few, large
+    programs in the interpreter.
+
+    Each thread keeps ~30 per-token values for each of its rows, so registers grow with elements per thread: at
+    2048 elements over 4 warps (16 per thread; D = 4) ptxas needs 255 registers and spills on sm_80 and sm_90,
+    at 4 per thread about 80 (bench/kernel_compile.json, "tuning").
+    A user ``block_tokens`` is rounded up to a power of two.
+    """
     block_d = triton.next_power_of_2(D)
     if block_tokens is None:
-        per_program = 1 << 16 if device.type != "cuda" else 2048
+        per_program = 1 << 16 if device.type != "cuda" else 1024
         block_tokens = max(1, per_program // block_d)
     block_t = triton.next_power_of_2(max(1, min(block_tokens, T)))
-    num_warps = 4 if block_t * block_d <= 4096 else 8
+    num_warps = 8 if block_t * block_d >= 1024 else 4
     return block_t, block_d, num_warps
 
 
@@ -230,7 +237,8 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         t, x0: ``[N]`` and ``[N, C, D]``, only for ``target="x0"``; they replace ``B -> -t`` and ``x_next``.
         beta, gamma, max_drift, kl_coef, loss, target, branches: as :func:`fastnft.nft.stepnft_loss`.
         store_grad: write the gradient (False = forward only, 4 reads of ``[N, C, D]`` and nothing else).
-        block_tokens: tokens per program (None = ~2048 elements on GPU, 65536 in the interpreter).
+        block_tokens: tokens per program, rounded up to a power of two (None = ~1024 elements on GPU, 65536
+            in the interpreter).
 
     Returns:
         ``(loss, inv, grad)``: 0-d loss (float32; float64 for float64 inputs), 0-d ``inv = 1 / (C * max(valid
@@ -238,7 +246,8 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
         (None when ``store_grad`` is False).
 
     Raises:
-        ValueError: shapes, dtypes or variant names inconsistent (same checks as the reference).
+        ValueError: shapes, dtypes or variant names inconsistent (same checks as the reference), or ``C`` or
+            ``D`` is 0 (``N = 0`` is fine: loss 0, empty gradient, no launch).
         RuntimeError: tensors not on CUDA and the kernels not defined under ``TRITON_INTERPRET=1``.
     """
     _check(v_theta, v_old, x_t, x_next, A, B, std, y, mask)
@@ -268,6 +277,12 @@ def stepnft_loss_forward(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x_next: Te
     T = N * C
     dev = v_theta.device
     cdt = _common.compute_dtype(v_theta.dtype)
+    if C == 0 or D == 0:
+        raise ValueError(f"v_theta must have at least one supervised step and one action dim, got [N, C, D] = "
+                         f"{[N, C, D]}; check policy.n_action_steps and the action space")
+    if N == 0:  # an empty micro-batch: the reference's 0 (mean over no valid sample), no kernel (BLOCK would be 0)
+        grad = torch.empty((0, C, D), dtype=v_theta.dtype, device=dev) if store_grad else None
+        return torch.zeros((), dtype=cdt, device=dev), torch.full((), 1.0 / C, dtype=cdt, device=dev), grad
     vt, vo, xt, xn = (_row_view(u) for u in big)
     # int32 offsets hold only while every strided input's largest offset (N * stride_n, not N * C * D) and the
     # gradient's T * D stay below 2^31; beyond that the kernel switches to int64 offsets.

@@ -214,6 +214,29 @@ def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.G
     return torch.rand(n, k, generator=gen, device=device).argsort(dim=1)[:, :per_call]
 
 
+_ROW_KEYS = ("x_t", "v_old", "x_next", "x0", "step", "episode")
+
+
+def _obs_snapshot(obs: Obs) -> Obs:
+    """A copy of a call's observation that later env steps cannot overwrite (a GPU simulator may reuse its
+    buffers); no host sync. Strings and lists are kept as they are (the env builds new ones per step)."""
+    if isinstance(obs, Tensor):
+        return obs.clone()
+    if isinstance(obs, dict):
+        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in obs.items()}
+    return obs  # a per-call context (pi0's cached prefix): built fresh by each encode
+
+
+def _compact_round(rnd: dict[str, list], rows: dict[str, list]) -> None:
+    """Append the kept rows of one round (full ``[N]`` rows per stored solver step, ``keep`` their mask) to
+    ``rows``: one boolean selection for the round (plus one ``tolist`` when the observation holds lists)."""
+    keep = torch.cat(rnd["keep"])
+    idx = torch.arange(keep.numel(), device=keep.device)[keep]  # the round's one sync (a mask, as fake CUDA expects)
+    for k in _ROW_KEYS:
+        rows[k].append(torch.cat(rnd[k]).index_select(0, idx))
+    rows["obs"].append(obs_index(obs_cat(rnd["call_obs"]), torch.cat(rnd["obs_row"]).index_select(0, idx)))
+
+
 @torch.no_grad()
 def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
@@ -276,6 +299,7 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
             obs = env.reset(round_seeds)
         steps = torch.zeros(N, dtype=torch.long, device=device)
         ret = torch.zeros(N, device=device)
+        rnd: dict[str, list] = {k: [] for k in (*_ROW_KEYS, "keep", "obs_row", "call_obs")}
         ep_base = r * N
         max_calls = math.ceil(env.max_episode_steps / C)
         for _ in range(max_calls):
@@ -293,27 +317,30 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
                                     step_fn=step_fn, keep_trajectory=record and per_call > 1)
                 actions = policy.to_env_actions(rec.actions[:, :C])  # the env moves them to its device
             if record:
-                kd = active & (torch.arange(N, device=device) < n_real)
+                # Full rows now, compacted once per round (_compact_round): a boolean selection per stored
+                # solver step would cost one host sync each. Every row is a copy (advanced indexing or clone):
+                # a graphed sampler reuses its output buffers on the next call.
+                ar = torch.arange(N, device=device)
+                kd = active & (ar < n_real)
+                rnd["call_obs"].append(_obs_snapshot(obs_d))
                 for j in range(step_idx.shape[1]):
                     si = step_idx[:, j]
                     if per_call > 1:
-                        ar = torch.arange(N, device=device)
                         x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
                     else:
-                        x_t, v_old, x_next = rec.x_t, rec.v_old, rec.x_next
-                    rows["obs"].append(obs_index(obs_d, kd))
-                    rows["x_t"].append(x_t[kd])
-                    rows["v_old"].append(v_old[kd])
-                    rows["x_next"].append(x_next[kd])
-                    rows["x0"].append(rec.actions[kd])
-                    rows["step"].append(si[kd])
-                    rows["episode"].append((ep_base + torch.arange(N, device=device))[kd])
+                        x_t, v_old, x_next = rec.x_t.clone(), rec.v_old.clone(), rec.x_next.clone()
+                    for k, val in (("x_t", x_t), ("v_old", v_old), ("x_next", x_next), ("x0", rec.actions.clone()),
+                                   ("step", si), ("episode", ep_base + ar), ("keep", kd),
+                                   ("obs_row", (len(rnd["call_obs"]) - 1) * N + ar)):
+                        rnd[k].append(val)
                 calls += kd.sum()
             with timers.range("env/step"):
                 res = env.step_chunk(actions)
             steps += res.steps.to(device)
             ret += res.reward.float().to(device)
             obs = res.obs
+        if rnd["keep"]:
+            _compact_round(rnd, rows)
         succ = env.success_once[:n_real].to(device)
         ep_success.append(succ)
         ep_steps.append(steps[:n_real])

@@ -7,19 +7,21 @@ the state token and bidirectionally to each other (openpi's ``make_att_2d_masks`
 
 The same description drives both backends:
 - ``sdpa``: one dense boolean mask, :func:`torch.nn.functional.scaled_dot_product_attention`;
-- ``flash``: one flash-attn varlen call per query block over that block's packed visible keys (no dense mask).
+- ``flash``: one flash-attn varlen call per query block over that block's packed visible keys (no dense mask);
+  the packing (:func:`varlen_plan`) needs host syncs, so it is computed once per layout and reused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["apply_rope", "attend", "block_mask", "flash_available", "resolve_backend"]
+__all__ = ["VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available", "resolve_backend", "varlen_plan"]
 
 
 def flash_available(device: torch.device | str) -> bool:
@@ -88,8 +90,66 @@ def _flash_varlen() -> VarlenFn:
     return flash_attn_varlen_func
 
 
+@dataclass(frozen=True)
+class VarlenBlock:
+    """One query block of a :class:`VarlenPlan`: which queries, and where each sample's visible keys sit.
+
+    Attributes:
+        q_idx: ``[nq]`` int64 positions of the block's queries; ``nq`` its length (a host int).
+        k_b, k_s: ``[total_k]`` int64 sample and key position of every packed key (sample-major).
+        cu_q, cu_k: ``[B + 1]`` int32 cumulative query / key counts (flash-attn's ``cu_seqlens``).
+        max_k: longest visible key sequence (host int, flash-attn's ``max_seqlen_k``).
+    """
+
+    q_idx: Tensor
+    nq: int
+    k_b: Tensor
+    k_s: Tensor
+    cu_q: Tensor
+    cu_k: Tensor
+    max_k: int
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """The flash backend's packing of one block-causal layout, computed once (host syncs here only) and reused
+    by every layer and every call with the same layout (:func:`varlen_plan`)."""
+
+    blocks: tuple[VarlenBlock, ...]
+    batch: int
+    num_keys: int
+
+
+def varlen_plan(q_block: Tensor, k_block: Tensor, key_valid: Tensor) -> VarlenPlan:
+    """Packing of the block-causal layout ``(q_block, k_block, key_valid)`` (see :func:`block_mask`).
+
+    It reads the block ids and the valid-key counts on the host (``unique``, ``nonzero``, one ``max`` per block),
+    so compute it once per layout: pi0 computes it once per prefix (per :meth:`encode`) for the prefix layers
+    and once per prefix for the expert's suffix layout, not per layer or per velocity call.
+
+    Returns:
+        :class:`VarlenPlan` on ``key_valid``'s device.
+    """
+    B, Sk = key_valid.shape
+    dev = key_valid.device
+    blocks = []
+    for b in torch.unique(q_block).tolist():
+        qi = (q_block == b).nonzero().squeeze(1).to(dev)
+        nq = int(qi.numel())
+        vis = (k_block.to(dev) <= b)[None, :] & key_valid  # [B, Sk]
+        # a sample whose visible keys are all padding (a padded prefix) keeps every key: finite, unused output
+        vis = vis | ~vis.any(-1, keepdim=True)
+        lens_k = vis.sum(-1).to(torch.int32)
+        kb, ks = vis.nonzero(as_tuple=True)  # row-major: sample by sample, keys in order
+        blocks.append(VarlenBlock(
+            q_idx=qi, nq=nq, k_b=kb, k_s=ks,
+            cu_q=torch.arange(0, (B + 1) * nq, nq, device=dev, dtype=torch.int32),
+            cu_k=F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0)), max_k=int(lens_k.max())))
+    return VarlenPlan(tuple(blocks), B, Sk)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
-           backend: str = "sdpa", varlen_fn: VarlenFn | None = None) -> Tensor:
+           backend: str = "sdpa", varlen_fn: VarlenFn | None = None, plan: VarlenPlan | None = None) -> Tensor:
     """Multi-query / grouped-query attention under a block-causal mask.
 
     Args:
@@ -97,6 +157,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
         q_block, k_block, key_valid: see :func:`block_mask`.
         backend: ``sdpa`` or ``flash`` (see :func:`resolve_backend`).
         varlen_fn: replaces flash-attn's ``flash_attn_varlen_func`` (tests pass a CPU reference).
+        plan: ``flash`` only: :func:`varlen_plan` of this layout, computed once and reused (without it, each call
+            computes it: a few host syncs per call).
 
     Returns:
         ``[B, Sq, Hq * hd]``, dtype of ``q``; softmax scale ``hd ** -0.5`` (Gemma).
@@ -108,26 +170,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
         return out.transpose(1, 2).reshape(B, Sq, Hq * hd)
     if backend != "flash":
         raise ValueError(f"unknown attention backend {backend!r}")
-    return _flash_blockwise(q, k, v, q_block, k_block, key_valid, varlen_fn or _flash_varlen())
+    plan = plan or varlen_plan(q_block, k_block, key_valid)
+    if plan.batch != B or plan.num_keys != k.shape[2]:
+        raise ValueError(f"attention plan is for [B, Sk] = [{plan.batch}, {plan.num_keys}], got keys "
+                         f"{tuple(k.shape)}; build it with varlen_plan for this layout")
+    return _flash_blockwise(q, k, v, plan, varlen_fn or _flash_varlen())
 
 
-def _flash_blockwise(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
-                     varlen_fn: VarlenFn) -> Tensor:
-    """Block-causal attention as one non-causal varlen call per query block (keys packed per sample)."""
+def _flash_blockwise(q: Tensor, k: Tensor, v: Tensor, plan: VarlenPlan, varlen_fn: VarlenFn) -> Tensor:
+    """Block-causal attention as one non-causal varlen call per query block (keys packed per sample by the
+    plan's integer indices: no host sync)."""
     B, Hq, Sq, hd = q.shape
     out = q.new_empty(B, Sq, Hq, hd)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, hd] (flash layout)
-    for b in torch.unique(q_block).tolist():
-        qi = (q_block == b).nonzero().squeeze(1)
-        vis = (k_block <= b)[None, :] & key_valid  # [B, Sk]
-        # a sample whose visible keys are all padding (a padded prefix) keeps every key: finite, unused output
-        vis = vis | ~vis.any(-1, keepdim=True)
-        lens_k = vis.sum(-1).to(torch.int32)
-        cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = torch.arange(0, (B + 1) * len(qi), len(qi), device=q.device, dtype=torch.int32)
-        o = varlen_fn(qt[:, qi].reshape(-1, Hq, hd), kt[vis], vt[vis], cu_q, cu_k, len(qi), int(lens_k.max()),
-                      dropout_p=0.0, softmax_scale=hd ** -0.5, causal=False)
-        out[:, qi] = o.view(B, len(qi), Hq, hd)
+    for blk in plan.blocks:
+        o = varlen_fn(qt[:, blk.q_idx].reshape(-1, Hq, hd), kt[blk.k_b, blk.k_s], vt[blk.k_b, blk.k_s], blk.cu_q,
+                      blk.cu_k, blk.nq, blk.max_k, dropout_p=0.0, softmax_scale=hd ** -0.5, causal=False)
+        out[:, blk.q_idx] = o.view(B, blk.nq, Hq, hd)
     return out.reshape(B, Sq, Hq * hd)
 
 

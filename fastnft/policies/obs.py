@@ -52,13 +52,15 @@ def obs_index(obs: Obs, rows: Tensor) -> Obs:
         return obs[rows]
     if not isinstance(obs, dict):
         return obs.index(rows)
-    idx = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
-    ids = idx.tolist()
+    ids = None  # row numbers on the host: read (one host sync) only for list or string values
     out: dict[str, Any] = {}
     for k, v in obs.items():
         if isinstance(v, Tensor):
             out[k] = v[rows.to(v.device)]
-        elif isinstance(v, list):
+            continue
+        if ids is None and isinstance(v, (list, str)):
+            ids = (rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows).tolist()
+        if isinstance(v, list):
             out[k] = [v[i] for i in ids]
         elif isinstance(v, str):
             out[k] = [v] * len(ids)

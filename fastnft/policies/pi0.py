@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-from fastnft.policies.attention import apply_rope, attend, resolve_backend
+from fastnft.policies.attention import VarlenPlan, apply_rope, attend, resolve_backend, varlen_plan
 from fastnft.policies.gemma_expert import GemmaExpert, norm_forward
 from fastnft.policies.pi0_checkpoint import load_into, read_checkpoint, write_checkpoint
 from fastnft.policies.pi0_config import Pi0Config
@@ -106,6 +106,15 @@ class PrefixContext:
     values: tuple[Tensor, ...]
     valid: Tensor
     state: Tensor | None
+    # flash backend: the expert's varlen packing, built on the first velocity call and reused by the K calls
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def suffix_plan(self, q_block: Tensor, k_block: Tensor, key_valid: Tensor) -> VarlenPlan:
+        """The flash packing of ``[prefix, suffix]`` keys for this prefix (host syncs on the first call only)."""
+        key = (int(q_block.numel()), int(k_block.numel()))
+        if key not in self._plans:
+            self._plans[key] = varlen_plan(q_block, k_block, key_valid)
+        return self._plans[key]
 
     @property
     def batch_size(self) -> int:
@@ -307,13 +316,14 @@ class Pi0Model(nn.Module):
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         blk = torch.zeros(emb.shape[1], dtype=torch.long, device=emb.device)
         backend = self._backend(emb.device)
+        plan = varlen_plan(blk, blk, valid) if backend == "flash" and len(layers) > 1 else None  # once per prefix
         keys, values, h = [], [], emb
         for li, layer in enumerate(layers):
             q, k, v, _ = _qkv(layer, h, None, pos, theta)
             keys.append(k)
             values.append(v)
             if li + 1 < len(layers):
-                h = _finish(layer, h, attend(q, k, v, blk, blk, valid, backend), None, None)
+                h = _finish(layer, h, attend(q, k, v, blk, blk, valid, backend, plan=plan), None, None)
         return PrefixContext(tuple(keys), tuple(values), valid, state if self.cfg.variant == "pi0" else None)
 
     def encode(self, inputs: dict[str, Tensor]) -> PrefixContext:
@@ -363,12 +373,13 @@ class Pi0Model(nn.Module):
         k_block = torch.cat([torch.zeros(ctx.valid.shape[1], dtype=torch.long, device=emb.device), blocks])
         key_valid = torch.cat([ctx.valid, torch.ones(B, S, dtype=torch.bool, device=emb.device)], 1)
         backend = self._backend(emb.device)
+        plan = ctx.suffix_plan(blocks, k_block, key_valid) if backend == "flash" else None
         h = emb
         for li, layer in enumerate(self.expert.model.layers):
             q, k, v, gate = _qkv(layer, h, cond, pos, self.cfg.vlm.rope_theta)
             K = torch.cat([ctx.keys[li].to(k.dtype), k], 2)
             V = torch.cat([ctx.values[li].to(v.dtype), v], 2)
-            h = _finish(layer, h, attend(q, K, V, blocks, k_block, key_valid, backend), gate, cond)
+            h = _finish(layer, h, attend(q, K, V, blocks, k_block, key_valid, backend, plan=plan), gate, cond)
         h, _ = norm_forward(self.expert.model.norm, h, cond)
         return self.action_out_proj(h[:, -x_t.shape[1]:]).float()
 
@@ -388,6 +399,7 @@ class Pi0Model(nn.Module):
         key_valid = torch.cat([valid, torch.ones(B, S, dtype=torch.bool, device=pre.device)], 1)
         pos = (key_valid.long().cumsum(1) - 1).clamp(min=0)
         theta, backend = self.cfg.vlm.rope_theta, self._backend(pre.device)
+        plan = varlen_plan(blocks, blocks, key_valid) if backend == "flash" else None
         hp, hs = pre, suf
         for lp, le in zip(self.vlm.model.language_model.layers, self.expert.model.layers, strict=True):
             qp, kp, vp, _ = _qkv(lp, hp, None, pos[:, :P], theta)
@@ -396,7 +408,7 @@ class Pi0Model(nn.Module):
             q = torch.cat([qp.to(dt), qs], 2)
             k = torch.cat([kp.to(dt), ks], 2)
             v = torch.cat([vp.to(dt), vs], 2)
-            out = attend(q, k, v, blocks, blocks, key_valid, backend)
+            out = attend(q, k, v, blocks, blocks, key_valid, backend, plan=plan)
             hp = _finish(lp, hp, out[:, :P], None, None)
             hs = _finish(le, hs, out[:, P:], gate, cond)
         hs, _ = norm_forward(self.expert.model.norm, hs, cond)
