@@ -91,6 +91,7 @@ def _engine_factory(module, train_cfg, engine_cfg, ds_overrides=None, device=Non
     eng.zero_stage = 0
     eng._names = [n for n, p in module.named_parameters() if p.requires_grad]
     module.to(eng.device)
+    eng._module = module
     eng.engine = _DeepSpeedStandIn(module, train_cfg)
     return eng
 
