@@ -1,8 +1,8 @@
 """Worker for tests/test_pi0_zero3.py: the tiny pi0 under ``engine.zero_stage`` on CPU (gloo, one rank).
 
 Builds :class:`~fastnft.loop.trainer.StepNFTTrainer` on a frame env (no simulator), runs one iteration (EMA rollout,
-update, EMA update) and an evaluation, and writes ``OUT/result.json`` with the metrics and a check that the EMA
-copy's frozen prefix still holds full weights. A fresh interpreter: DeepSpeed sets up its process group and
+update, EMA update) and an evaluation, and writes ``OUT/result.json`` with the metrics and checks that the frozen
+prefix still holds full weights (EMA copy and live policy), and ``OUT/state.pt`` with the trained and EMA weights. A fresh interpreter: DeepSpeed sets up its process group and
 accelerator once per process.
 
     python tests/pi0_zero3_worker.py --out DIR --stage 3

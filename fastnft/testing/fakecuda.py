@@ -16,8 +16,9 @@ here, each in the narrowest way:
 * **Host syncs.** ``.item()``, ``float(t)``, ``bool(t)``, ``int(t)`` have no value to return; they answer ``True``
   for bool, ``1`` for integers (so size checks such as the trainer's buffer trim take their branch) and ``0.5``
   for floats, and are counted in :attr:`FakeCuda.host_syncs`.
-* **CUDA queries.** ``torch.cuda.is_available()`` is True and ``device_count()`` is ``num_gpus`` for every caller
-  outside torch itself (FakeTensorMode must keep seeing that no real CUDA exists).
+* **CUDA queries.** ``torch.cuda.is_available()`` is True, ``device_count()`` is ``num_gpus`` and
+  ``get_device_capability()`` is ``capability`` for every caller outside torch itself (FakeTensorMode must keep
+  seeing that no real CUDA exists).
 
     with fake_cuda() as fc:
         trainer = StepNFTTrainer(cfg_with_device_cuda, policy, env)   # a stand-in engine: DeepSpeed needs a GPU
@@ -207,20 +208,21 @@ def _sync_mode(record: FakeCuda):
 
 
 @contextlib.contextmanager
-def fake_cuda(num_gpus: int = 1) -> Iterator[FakeCuda]:
-    """Run the block as on a host with ``num_gpus`` CUDA devices, with fake tensors (see the module docstring).
+def fake_cuda(num_gpus: int = 1, capability: tuple[int, int] = (9, 0)) -> Iterator[FakeCuda]:
+    """Run the block as on a host with ``num_gpus`` CUDA devices of compute capability ``capability``, with fake
+    tensors (see the module docstring).
 
     Tensors made inside are fake; real tensors passed in are converted on first use. Leaves every patch undone
     on exit.
     """
     record = FakeCuda()
-    saved = (torch.Generator, torch.cuda.is_available, torch.cuda.device_count)
+    saved = (torch.Generator, torch.cuda.is_available, torch.cuda.device_count, torch.cuda.get_device_capability)
 
     def answer(real, fake):
         # torch's own code (FakeTensorMode decides how to build fake CUDA tensors from this) sees the truth
-        def query():
+        def query(*args: Any, **kwargs: Any):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            return real() if caller == "torch" or caller.startswith("torch.") else fake
+            return real(*args, **kwargs) if caller == "torch" or caller.startswith("torch.") else fake
         return query
 
     real_to = torch.nn.Module.to
@@ -238,9 +240,11 @@ def fake_cuda(num_gpus: int = 1) -> Iterator[FakeCuda]:
     torch.Generator = _GeneratorFactory  # type: ignore[misc,assignment]
     torch.cuda.is_available = answer(saved[1], True)  # type: ignore[assignment]
     torch.cuda.device_count = answer(saved[2], num_gpus)  # type: ignore[assignment]
+    torch.cuda.get_device_capability = answer(saved[3], tuple(capability))  # type: ignore[assignment]
     try:
         with _sync_mode(record), _FunctionMode(record):
             yield record
     finally:
-        torch.Generator, torch.cuda.is_available, torch.cuda.device_count = saved  # type: ignore[misc]
+        (torch.Generator, torch.cuda.is_available, torch.cuda.device_count,  # type: ignore[misc]
+         torch.cuda.get_device_capability) = saved
         torch.nn.Module.to = real_to  # type: ignore[method-assign]
