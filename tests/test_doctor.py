@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastnft.doctor.checks import CHECKS, NO_CUDA
+from fastnft.doctor.checks import CHECKS, NO_CUDA, UNCOVERED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,12 +28,17 @@ def test_doctor_prints_table_and_writes_json(tmp_path):
     for c in CHECKS:
         r = rows[c.name]
         assert r["status"] in ("pass", "skipped") and r["seconds"] >= 0, r
-        assert f"| {c.name} | {r['status']} |" in proc.stdout  # the printed table row
+        assert r["what"] == c.what and len(c.what) > 10  # what the row checks, in the JSON and printed
+        assert f"| {c.name} | {r['status']} |" in proc.stdout and f"| {c.what} |" in proc.stdout
         if not c.gpu:
             assert r["status"] == "pass", r
         elif not torch.cuda.is_available():
             assert r["status"] == "skipped" and r["detail"] == NO_CUDA, r
     assert report["cuda_available"] == torch.cuda.is_available()
+    assert report["unchecked"] == UNCOVERED and "Not covered by any row" in proc.stdout
+    assert all(f"- {u}" in proc.stdout for u in UNCOVERED)
+    # the environment rows print the driver and ptxas versions (ptxas from triton's bundled binary)
+    assert "ptxas" in rows["driver_and_ptxas"]["detail"] and "driver" in rows["driver_and_ptxas"]["detail"]
     assert f"{sum(not c.gpu for c in CHECKS)} passed, 0 failed" in proc.stdout or torch.cuda.is_available()
 
 
@@ -70,3 +75,20 @@ def test_checks_after_the_time_budget_are_skipped(monkeypatch):
     monkeypatch.setattr(dc, "CHECKS", [dc.Check("a", lambda: "ran", False, "", isolate=False)])
     res = run_doctor(budget_s=0.0)
     assert res[0].status == "skipped" and "time budget" in res[0].detail
+
+
+def test_issue16_rows_are_listed():
+    """The first-GPU-run rows (issue 16): SFT on CUDA, pi0 attention auto in fp32 and bf16, pi0 under ZeRO-3, the
+    ManiSkill GPU seeding contract; all GPU rows, each saying what it checks."""
+    rows = {c.name: c for c in CHECKS}
+    for name in ("sft_cuda", "pi0_attention_fp32", "pi0_attention_bf16", "pi0_zero3", "maniskill_gpu_seeding"):
+        assert rows[name].gpu and rows[name].isolate, name
+    assert not rows["driver_and_ptxas"].gpu
+
+
+def test_table_shows_what_each_row_checks_and_what_is_unchecked():
+    from fastnft.doctor import CheckResult, format_results
+
+    text = format_results([CheckResult("a", "pass", 0.1, False, "ok", "the a-ness of a")], ["b at scale"])
+    assert "| a | pass | 0.1 | the a-ness of a | ok |" in text
+    assert text.endswith("Not covered by any row (check these by hand on a GPU):\n- b at scale")

@@ -207,6 +207,22 @@ def _sync_mode(record: FakeCuda):
     return _Mode(allow_non_fake_inputs=True)
 
 
+def _move_by_overwrite(module: torch.nn.Module, device: torch.device | None,
+                       dtype: torch.dtype | None) -> torch.nn.Module:
+    """``module.to(device, dtype)`` by replacing each parameter and buffer (floating ones take ``dtype``)."""
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+    for m in module.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[k] = torch.nn.Parameter(moved(p), requires_grad=p.requires_grad)
+        for k, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[k] = moved(b)
+    return module
+
+
 @contextlib.contextmanager
 def fake_cuda(num_gpus: int = 1, capability: tuple[int, int] = (9, 0)) -> Iterator[FakeCuda]:
     """Run the block as on a host with ``num_gpus`` CUDA devices of compute capability ``capability``, with fake
@@ -234,9 +250,19 @@ def fake_cuda(num_gpus: int = 1, capability: tuple[int, int] = (9, 0)) -> Iterat
         tensors = [*self.parameters(), *self.buffers()]
         if dtype is None and device is not None and all(t.device == device for t in tensors):
             return self
-        return real_to(self, *args, **kwargs)
+        try:
+            return real_to(self, *args, **kwargs)
+        except RuntimeError as e:
+            # Fake tensors made inside the block cannot be swapped in place (FakeTensorMode holds weak references
+            # to them): give the module new Parameter objects instead, as torch does with
+            # torch.__future__.set_overwrite_module_params_on_conversion(True).
+            if "swap" not in str(e):
+                raise
+            return _move_by_overwrite(self, device, dtype)
 
+    real_cpu = torch.nn.Module.cpu
     torch.nn.Module.to = module_to  # type: ignore[method-assign]
+    torch.nn.Module.cpu = lambda self: module_to(self, "cpu")  # type: ignore[method-assign]
     torch.Generator = _GeneratorFactory  # type: ignore[misc,assignment]
     torch.cuda.is_available = answer(saved[1], True)  # type: ignore[assignment]
     torch.cuda.device_count = answer(saved[2], num_gpus)  # type: ignore[assignment]
@@ -247,4 +273,4 @@ def fake_cuda(num_gpus: int = 1, capability: tuple[int, int] = (9, 0)) -> Iterat
     finally:
         (torch.Generator, torch.cuda.is_available, torch.cuda.device_count,  # type: ignore[misc]
          torch.cuda.get_device_capability) = saved
-        torch.nn.Module.to = real_to  # type: ignore[method-assign]
+        torch.nn.Module.to, torch.nn.Module.cpu = real_to, real_cpu  # type: ignore[method-assign]
