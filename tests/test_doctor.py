@@ -92,3 +92,27 @@ def test_table_shows_what_each_row_checks_and_what_is_unchecked():
     text = format_results([CheckResult("a", "pass", 0.1, False, "ok", "the a-ness of a")], ["b at scale"])
     assert "| a | pass | 0.1 | the a-ness of a | ok |" in text
     assert text.endswith("Not covered by any row (check these by hand on a GPU):\n- b at scale")
+
+
+def test_first_run_rows_run_on_cpu(monkeypatch):
+    """The issue-16 GPU rows' own code, run on CPU (their CUDA requirement lifted): a row that cannot run at all
+    (a typo, a wrong key) fails here, not first on a GPU. pi0_zero3 runs in tests/test_doctor.py's child below."""
+    from fastnft.doctor import first_run
+
+    monkeypatch.setattr(first_run, "_need_cuda", lambda: torch.device("cpu"))
+    assert "40 steps on cpu" in first_run.sft_cuda()
+    for row in (first_run.pi0_attention_fp32, first_run.pi0_attention_bf16):
+        assert "attention auto -> sdpa: 0 flash-attn calls" in row()
+
+
+def test_pi0_zero3_row_runs_on_cpu(tmp_path):
+    code = ("import torch; from fastnft.doctor import first_run; "
+            "first_run._need_cuda = lambda: torch.device('cpu'); print(first_run.pi0_zero3_cuda())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "fastnft" / "torch_extensions"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "1 iteration, loss" in proc.stdout and "frozen tensors whole in the EMA copy" in proc.stdout

@@ -178,17 +178,17 @@ def test_train_tiny_pi0_on_fake_cuda(tmp_path, monkeypatch):
             self.num_envs, self.obs_dim, self.act_dim, self.max_episode_steps = n, 3, 2, 8
             self.action_low, self.action_high = -torch.ones(2), torch.ones(2)
 
-        def _obs(self):
+        def _frame(self):
             n = self.num_envs
             return {image_key("cam"): torch.zeros(n, 12, 10, 3, dtype=torch.uint8, device=CUDA0),
                     STATE_KEY: torch.randn(n, 3, device=CUDA0), TASK_KEY: ["pick the cube"] * n}
 
         def _reset(self, seeds):
-            return self._obs()
+            return self._frame()
 
         def _step(self, actions):
             s = torch.rand(self.num_envs, device=CUDA0) > 0.5
-            return self._obs(), s.float(), s
+            return self._frame(), s.float(), s
 
     host = _Host(monkeypatch, tmp_path)
     monkeypatch.setattr(envs_mod, "make_env", lambda cfg_env, num_envs=None: FrameEnv(cfg_env.num_envs))

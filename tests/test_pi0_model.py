@@ -256,10 +256,11 @@ def test_flash_contract_is_enforced_and_auto_picks_per_call():
     attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), blk, blk, valid, "auto", varlen_fn=counting)
     assert calls == [torch.bfloat16]
     assert att.flash_fits(q.half()) and not att.flash_fits(q) and not att.flash_fits(wide)
+    assert not att.flash_fits(q.bfloat16(), k, v)  # mixed dtypes: flash-attn takes one dtype
 
 
 @pytest.mark.parametrize("vlm_dtype,precision", [("float32", "float32"), ("bfloat16", "float32"),
-                                                 ("bfloat16", "bfloat16")])
+                                                 ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
 def test_pi0_attention_auto_on_a_flash_host(monkeypatch, vlm_dtype, precision):
     """pi0 with ``attention: auto`` where flash-attn is installed (flash-attn replaced by its strict CPU stand-in):
     fp32 calls (``engine.dtype: float32``) take SDPA, bf16 calls take flash-attn, and the velocity equals SDPA's.
@@ -281,11 +282,11 @@ def test_pi0_attention_auto_on_a_flash_host(monkeypatch, vlm_dtype, precision):
     monkeypatch.setattr(att, "_flash_varlen", lambda: strict_varlen)
     v = pol_a.velocity(x, t, pol_a.encode(inp))
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
-    if vlm_dtype == "float32":
+    if vlm_dtype == precision == "float32":
         assert calls == []  # every call fp32: SDPA
     else:
         assert calls and set(calls) == {torch.bfloat16}  # the bf16 prefix (and the bf16 expert) on flash-attn
-    tol = 1e-5 if vlm_dtype == "float32" else 5e-2
+    tol = 1e-5 if vlm_dtype == precision == "float32" else 5e-2
     assert torch.allclose(v, ref, atol=tol, rtol=tol), (v - ref).abs().max()
 
 

@@ -161,7 +161,7 @@ def pi0_zero3_cuda() -> str:
 
         raise Skip(f"needs the repository's {repo_cfg.name} (run the doctor from a source checkout)")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(repo_cfg, ["device=cuda", "engine.zero_stage=3", "env.cameras=[cam]", "env.num_envs=4",
+        cfg = load_config(repo_cfg, [f"device={dev.type}", "engine.zero_stage=3", "env.cameras=[cam]", "env.num_envs=4",
                                      "train.episodes_per_iter=4", "train.eval_episodes=4", "env.max_episode_steps=8",
                                      f"run_dir={tmp}/run", "train.checkpoint_every=100"])
         env = _FrameEnv(4, dev)
@@ -187,17 +187,17 @@ class _FrameEnv(VectorEnv):
         self.action_low, self.action_high = -torch.ones(2), torch.ones(2)
         self.g = torch.Generator(device=device).manual_seed(0)
 
-    def _obs(self) -> dict:
+    def _frame(self) -> dict:
         n, dev = self.num_envs, self.device
         return {image_key("cam"): torch.randint(0, 256, (n, 12, 10, 3), dtype=torch.uint8, device=dev, generator=self.g),
                 STATE_KEY: torch.randn(n, 3, device=dev, generator=self.g), TASK_KEY: ["pick the cube"] * n}
 
     def _reset(self, seeds: list[int]) -> dict:
-        return self._obs()
+        return self._frame()
 
     def _step(self, actions: torch.Tensor):
         s = torch.rand(self.num_envs, device=self.device, generator=self.g) > 0.7
-        return self._obs(), s.float(), s
+        return self._frame(), s.float(), s
 
 
 def maniskill_gpu_seeding() -> str:

@@ -34,9 +34,10 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 
 
-def flash_fits(q: Tensor) -> bool:
-    """The call fits flash-attn 2's contract: q/k/v in fp16 or bf16 (no fp32 kernel) and head dim <= 256."""
-    return q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+def flash_fits(q: Tensor, *kv: Tensor) -> bool:
+    """The call fits flash-attn 2's contract: q (and the given k, v) fp16 or bf16 of one dtype (no fp32 kernel)
+    and head dim <= 256."""
+    return q.dtype in FLASH_DTYPES and all(t.dtype == q.dtype for t in kv) and q.shape[-1] <= FLASH_MAX_HEAD_DIM
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -123,8 +124,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
     """
     B, Hq, Sq, hd = q.shape
     if backend == "auto":
-        backend = "flash" if flash_fits(q) else "sdpa"
-    elif backend == "flash" and not flash_fits(q):
+        backend = "flash" if flash_fits(q, k, v) else "sdpa"
+    elif backend == "flash" and not flash_fits(q, k, v):
         raise ValueError(f"pi0.attention=flash: flash-attn 2 takes fp16/bf16 q/k/v with head dim <= "
                          f"{FLASH_MAX_HEAD_DIM}, got {q.dtype} with head dim {hd}; set engine.dtype: bfloat16 (and "
                          "pi0.vlm_dtype: bfloat16), or pi0.attention: auto (SDPA for such calls) or sdpa")

@@ -100,11 +100,23 @@ def _is_fake_cuda(x: Any) -> bool:
 
 
 def _getitem(x: torch.Tensor, idx: Any) -> torch.Tensor:
-    """``x[idx]`` through aten ops (basic indexing and one tensor index)."""
+    """``x[idx]`` through aten ops (basic indexing, and integer tensor indices next to each other)."""
     idx = idx if isinstance(idx, tuple) else (idx,)
     consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    if sum(isinstance(i, torch.Tensor) for i in idx) > 1:
-        raise NotImplementedError("fake_cuda indexing supports one tensor index")
+    pos = [k for k, i in enumerate(idx) if isinstance(i, torch.Tensor)]
+    if len(pos) > 1:  # x[rows, cols]: one aten.index over the adjacent integer tensors (their shapes broadcast)
+        if pos != list(range(pos[0], pos[0] + len(pos))) or any(idx[k].dtype == torch.bool for k in pos):
+            raise NotImplementedError("fake_cuda indexing supports several tensor indices only adjacent and integer")
+        if any(idx[k].device != x.device and idx[k].device.type != "cpu" for k in pos):
+            raise RuntimeError(f"indices on {[str(idx[k].device) for k in pos]} for a tensor on {x.device}")
+        if any(i is Ellipsis or i is None for i in idx[: pos[0]]):
+            raise NotImplementedError("fake_cuda indexing: ... or None before several tensor indices")
+        head = _getitem(x, idx[: pos[0]]) if pos[0] else x
+        dim = sum(not isinstance(i, int) for i in idx[: pos[0]])
+        out = _aten.index(head, [None] * dim + [idx[k] for k in pos])
+        if any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None))) for i in idx[pos[-1] + 1:]):
+            raise NotImplementedError("fake_cuda indexing: only ':' or ... after several tensor indices")
+        return out
     out, dim = x, 0
     for i in idx:
         if i is Ellipsis:
