@@ -62,7 +62,7 @@ def test_equal_seeds_give_equal_initial_states_on_the_batched_scene():
     assert not torch.equal(obs[0], obs[2])
     again = env._reset([7, 5, 5, 7])  # a later reset: no reconfiguration, the same state per seed
     assert torch.equal(again[0], obs[2]) and torch.equal(again[1], obs[0]) and torch.equal(again[3], obs[2])
-    assert env._gpu_env.calls[-1] == ([7], [3])  # one env per reset call
+    assert env._gpu_env.calls[-1] == ([7] * 4, [3])  # one env per reset call, its seed in every slot
 
 
 def test_the_stub_implements_the_batched_rule():

@@ -195,7 +195,10 @@ def test_train_tiny_pi0_on_fake_cuda(tmp_path, monkeypatch):
     tiny = "configs/pickcube_pi0_tiny.yaml"
     overrides = ["device=cuda", "engine.kernels=torch", "env.cameras=[cam]", "env.num_envs=4",
                  "train.episodes_per_iter=4", "train.eval_episodes=4", "train.iterations=1", "env.max_episode_steps=8",
-                 "rollout.cuda_graphs=off", "policy.pi0.attention=auto", f"run_dir={tmp_path / 'run'}"]
+                 "rollout.cuda_graphs=off", "policy.pi0.attention=auto", f"run_dir={tmp_path / 'run'}",
+                 # the buffer stores prefix contexts (tensors): with raw observations the instruction strings are
+                 # host lists indexed by device rows, whose fake values cannot match the lists' lengths
+                 "policy.pi0.prefix_mode=cached"]
     # built on the host (initialising PaliGemma op by op under FakeTensorMode takes minutes), as from a checkpoint
     policy = factory.build_flow_policy(load_config(tiny, overrides), init=None, state_dim=3, act_dim=2, seed=0)
     monkeypatch.setattr(factory, "build_flow_policy", lambda *a, **k: policy.to(CUDA0))

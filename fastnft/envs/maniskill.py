@@ -490,7 +490,7 @@ class ManiSkillVectorEnv(VectorEnv):
         mani_skill 3.0.1 seeds a batched reset with the FIRST seed only (``torch.manual_seed(episode_seed[0])``
         around ``_initialize_episode``), and tasks such as PickCube then draw all envs' initial poses in one
         batched draw: ``reset(seed=[5, 5, 7, 7])`` gives four different states, which breaks the group baseline and
-        GRPO (means over rollouts from one initial state). So env j is reset alone, ``reset(seed=[s_j],
+        GRPO (means over rollouts from one initial state). So env j is reset alone, ``reset(seed=[s_j] * N,
         options={"env_idx": [j]})``: its draw has batch 1 and depends on ``s_j`` only. The first reset of a scene
         reconfigures it, which ManiSkill does for all envs at once, so it is one batched reset first. Cost: one
         ManiSkill reset per env (an observation each), per episode start. Not yet run on a GPU (the stub test in
@@ -501,7 +501,9 @@ class ManiSkillVectorEnv(VectorEnv):
             env.reset(seed=[int(s) for s in seeds])
             self._gpu_scene_ready = True
         for j, s in enumerate(seeds):
-            env.reset(seed=[int(s)], options={"env_idx": torch.tensor([j], device=self.device)})
+            # s_j in every slot: the torch draw (seeded from slot 0) and, with enhanced determinism, the per-env
+            # numpy RNG of slot j both come from s_j
+            env.reset(seed=[int(s)] * self.num_envs, options={"env_idx": torch.tensor([j], device=self.device)})
 
     def _reset(self, seeds: list[int]) -> EnvObs:
         if self._gpu_env is not None:

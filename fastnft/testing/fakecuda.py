@@ -15,7 +15,8 @@ here, each in the narrowest way:
   boolean mask has a data-dependent size; it selects every row (its device is still checked).
 * **Host syncs.** ``.item()``, ``float(t)``, ``bool(t)``, ``int(t)`` have no value to return; they answer ``True``
   for bool, ``1`` for integers (so size checks such as the trainer's buffer trim take their branch) and ``0.5``
-  for floats, and are counted in :attr:`FakeCuda.host_syncs`.
+  for floats, and are counted in :attr:`FakeCuda.host_syncs`. ``nonzero()`` of a 1-D mask (data-dependent size)
+  returns every index, like a boolean mask, and is counted too.
 * **CUDA queries.** ``torch.cuda.is_available()`` is True, ``device_count()`` is ``num_gpus`` and
   ``get_device_capability()`` is ``capability`` for every caller outside torch itself (FakeTensorMode must keep
   seeing that no real CUDA exists).
@@ -176,6 +177,11 @@ class _FunctionMode(TorchFunctionMode):
             value = _answer(t.dtype)
             return {torch.Tensor.__bool__: bool, torch.Tensor.__int__: int, torch.Tensor.__index__: int,
                     torch.Tensor.__float__: float}.get(func, lambda v: v)(value)
+        if func in (torch.Tensor.nonzero, torch.nonzero) and _is_fake_cuda(args[0]) and args[0].dim() == 1 \
+                and not kwargs.get("as_tuple", False):
+            self.record.host_syncs += 1  # its size is data-dependent: a host sync on a GPU
+            n = args[0].shape[0]  # as for a boolean mask, every element counts as nonzero
+            return _aten.unsqueeze(_aten.arange(n, dtype=torch.long, device=args[0].device), 1)
         if func is torch.Tensor.__getitem__ and _is_fake_cuda(args[0]):
             return _getitem(args[0], args[1])
         if func is torch.Tensor.__setitem__ and _is_fake_cuda(args[0]):
