@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKS", "UNCOVERED", "Check", "Skip"]
+from fastnft.doctor.common import NO_CUDA, Skip, need_cuda
 
-NO_CUDA = "no CUDA device visible (torch.cuda.is_available() is False)"
+__all__ = ["CHECKS", "NO_CUDA", "UNCOVERED", "Check", "Skip"]
+
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FASTNFT_SINGLE_PROCESS_PID")
-
-
-class Skip(Exception):
-    """The check cannot run here; the message is the reason shown in the table."""
 
 
 class Check:
@@ -44,11 +41,7 @@ class Check:
 
 
 def _need_cuda(n: int = 1) -> torch.device:
-    if not torch.cuda.is_available():
-        raise Skip(NO_CUDA)
-    if torch.cuda.device_count() < n:
-        raise Skip(f"needs {n} CUDA devices, {torch.cuda.device_count()} visible")
-    return torch.device("cuda", 0)
+    return need_cuda(n)
 
 
 # -- always -----------------------------------------------------------------------------------------------------

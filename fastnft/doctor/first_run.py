@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastnft.doctor.common import Skip, need_cuda
 from fastnft.envs.base import STATE_KEY, TASK_KEY, VectorEnv, image_key
 
 __all__ = ["driver_and_ptxas", "maniskill_gpu_seeding", "pi0_attention_bf16", "pi0_attention_fp32", "pi0_zero3_cuda",
@@ -23,9 +24,7 @@ __all__ = ["driver_and_ptxas", "maniskill_gpu_seeding", "pi0_attention_bf16", "p
 
 
 def _need_cuda() -> torch.device:
-    from fastnft.doctor.checks import _need_cuda as need
-
-    return need()
+    return need_cuda()
 
 
 def driver_and_ptxas() -> str:
@@ -157,8 +156,6 @@ def pi0_zero3_cuda() -> str:
 
     repo_cfg = Path(__file__).resolve().parents[2] / "configs" / "pickcube_pi0_tiny.yaml"
     if not repo_cfg.exists():
-        from fastnft.doctor.checks import Skip
-
         raise Skip(f"needs the repository's {repo_cfg.name} (run the doctor from a source checkout)")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(repo_cfg, [f"device={dev.type}", "engine.zero_stage=3", "env.cameras=[cam]", "env.num_envs=4",
@@ -205,7 +202,6 @@ def maniskill_gpu_seeding() -> str:
     baseline and GRPO need it), on the first (reconfiguring) reset and a later one."""
     _need_cuda()
     from fastnft.config import EnvConfig
-    from fastnft.doctor.checks import Skip
     from fastnft.envs.maniskill import ManiSkillVectorEnv, vulkan_available
 
     ok, why = vulkan_available()
