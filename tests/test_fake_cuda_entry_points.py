@@ -12,12 +12,20 @@ What stays outside fake CUDA, and why (see tests/test_device_fake_cuda.py for th
   fake tensors (checkpoints, policy files) are captured instead of written.
 Fake tensors carry no values: these tests check devices, generators and that the code paths run, never numbers.
 
+Each test runs in a fresh pytest process (:func:`_isolated`): after several entry points had run on fake CUDA in
+one process, Python's garbage collector crashed the interpreter (segmentation fault) at a later collection, which
+would take the whole test session down. Each test alone exits cleanly.
+
 G1 (the SFT crash on any GPU host: a CPU generator drawing CUDA noise) fails ``test_sft_on_fake_cuda`` when reverted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +47,25 @@ SMALL = ["device=cuda", "engine.kernels=torch", "env.num_envs=8", "train.episode
          "train.eval_episodes=8", "train.iterations=1", "train.eval_every=0", "train.checkpoint_every=1",
          "train.micro_batch=8", "train.diagnostics=false", "policy.width=16", "policy.heads=2", "sft.steps=3",
          "sft.num_demos=32", "sft.batch_size=8", "rollout.cuda_graphs=off"]
+
+
+_CHILD = "FASTNFT_FAKE_CUDA_TEST"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _isolated(test):
+    """Run ``test`` in a fresh ``pytest`` process (see the module docstring); the child runs the body."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get(_CHILD) == test.__name__:
+            return test(*args, **kwargs)
+        env = {**os.environ, _CHILD: test.__name__, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               f"{__file__}::{test.__name__}"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
+        return None
+    return wrapper
 
 
 def _frozen_engine(module, train_cfg, engine_cfg, ds_overrides=None, device=None):
@@ -66,10 +93,9 @@ class _Host:
         host = self
 
         def backward(loss, *args, **kwargs):  # the SFT step's backward (the trainer's goes through the engine)
-            for policy in host.trained:
-                for p in policy.parameters():
-                    host.grad_devices.add(p.device)
-                    p.grad = torch.zeros_like(p)
+            for p in host.trained[-1].parameters():  # the policy the running SFT stage took last
+                host.grad_devices.add(p.device)
+                p.grad = torch.zeros_like(p)
 
         monkeypatch.setattr(torch.Tensor, "backward", backward)
         self.tmp_path = tmp_path
@@ -78,14 +104,20 @@ class _Host:
         return load_config(path, [*SMALL, f"run_dir={self.tmp_path / 'run'}", f"data_dir={self.tmp_path / 'data'}",
                                   *extra])
 
-    def sft_inputs(self, monkeypatch, cfg) -> torch.nn.Module:
-        """The bandit demos and a fresh SFT policy, built on the host; the SFT stage receives them."""
+    def sft_inputs(self, monkeypatch, cfg, stages: int = 1) -> torch.nn.Module:
+        """The bandit demos and a fresh SFT policy per SFT stage, built on the host; the stages receive them."""
         data = bandit_mod.bandit_demo_dataset(cfg.sft.num_demos, cfg.policy.horizon, seed=cfg.demos.seed)
-        policy = sft_mod.build_policy(data, cfg.policy, seed=cfg.sft.seed).requires_grad_(False)
-        self.trained.append(policy)
+        fresh = [sft_mod.build_policy(data, cfg.policy, seed=cfg.sft.seed).requires_grad_(False)
+                 for _ in range(stages)]
+        queue = list(fresh)
+
+        def take(*args, **kwargs):
+            self.trained.append(queue.pop(0))
+            return self.trained[-1]
+
         monkeypatch.setattr(bandit_mod, "bandit_demo_dataset", lambda *a, **k: data)
-        monkeypatch.setattr(sft_mod, "build_policy", lambda *a, **k: policy)
-        return policy
+        monkeypatch.setattr(sft_mod, "build_policy", take)
+        return fresh[0]
 
     def sft_file_policy(self, monkeypatch, cfg) -> None:
         """``load_policy`` of the SFT file returns a host policy (as loaded from disk, real CPU weights)."""
@@ -112,6 +144,7 @@ def _clean(fc) -> None:
     assert fc.generator_mismatches == [], fc.generator_mismatches
 
 
+@_isolated
 def test_sft_on_fake_cuda(tmp_path, monkeypatch):
     """G1: ``fastnft sft`` on a GPU host trains with a generator on the GPU (it used to build a CPU one)."""
     host = _Host(monkeypatch, tmp_path)
@@ -126,6 +159,7 @@ def test_sft_on_fake_cuda(tmp_path, monkeypatch):
     assert all(p.device.type == "cpu" for p in policy.parameters())  # written from CPU
 
 
+@_isolated
 def test_flow_matching_loss_refuses_a_cpu_generator_for_cuda_draws(monkeypatch):
     from fastnft.config import PolicyConfig
     from fastnft.policies.state_flow import StateFlowPolicy
@@ -144,6 +178,7 @@ def _train_args(cfg_path: str, overrides: list[str]) -> argparse.Namespace:
                               no_progress=True, profile_steps=None, local_rank=None)
 
 
+@_isolated
 def test_train_state_policy_on_fake_cuda(tmp_path, monkeypatch):
     from fastnft.train import run_train
 
@@ -163,6 +198,7 @@ def test_train_state_policy_on_fake_cuda(tmp_path, monkeypatch):
     assert state["rng_device"] == "cuda"
 
 
+@_isolated
 def test_train_tiny_pi0_on_fake_cuda(tmp_path, monkeypatch):
     """The tiny pi0 (camera frames, processor, prefix, expert) through rollout, update and evaluation."""
     import fastnft.envs as envs_mod
@@ -209,13 +245,15 @@ def test_train_tiny_pi0_on_fake_cuda(tmp_path, monkeypatch):
     assert all(t.device.type == "cpu" for t in host.checkpoints[-1]["actor"]["params"].values())
 
 
+@_isolated
 def test_eval_on_fake_cuda(tmp_path, monkeypatch, capsys):
     from fastnft.cli import main
 
     host = _Host(monkeypatch, tmp_path)
     cfg = host.cfg()
     data = bandit_mod.bandit_demo_dataset(cfg.sft.num_demos, cfg.policy.horizon, seed=cfg.demos.seed)
-    policy = sft_mod.build_policy(data, cfg.policy)
+    # frozen: fake CUDA parameters that require grad can abort the process later (autograd needs the CUDA library)
+    policy = sft_mod.build_policy(data, cfg.policy).requires_grad_(False)
     monkeypatch.setattr(pio, "load_policy", lambda path, cfg_=None: (policy, {}))
     args = ["eval", "--config", BANDIT, "--policy", str(tmp_path / "p.pt"), "--episodes", "8"]
     for o in [*SMALL, f"run_dir={tmp_path / 'run'}"]:
@@ -227,6 +265,7 @@ def test_eval_on_fake_cuda(tmp_path, monkeypatch, capsys):
     assert "success_rate" in capsys.readouterr().out
 
 
+@_isolated
 def test_pipeline_and_grid_on_fake_cuda(tmp_path, monkeypatch):
     """``fastnft pipeline`` (SFT, then training) and ``fastnft grid`` (one run) on the bandit."""
     import fastnft.experiments.grid as grid_mod
@@ -235,7 +274,7 @@ def test_pipeline_and_grid_on_fake_cuda(tmp_path, monkeypatch):
     host = _Host(monkeypatch, tmp_path)
     cfg = host.cfg()
     host.sft_file_policy(monkeypatch, cfg)  # first: it builds with the real build_policy
-    host.sft_inputs(monkeypatch, cfg)
+    host.sft_inputs(monkeypatch, cfg, stages=2)  # the pipeline's SFT stage and the grid's
     with fake_cuda() as fc:
         report = run_pipeline(cfg, progress=False)
     _clean(fc)

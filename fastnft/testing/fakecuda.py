@@ -227,7 +227,11 @@ def _sync_mode(record: FakeCuda):
 
 def _move_by_overwrite(module: torch.nn.Module, device: torch.device | None,
                        dtype: torch.dtype | None) -> torch.nn.Module:
-    """``module.to(device, dtype)`` by replacing each parameter and buffer (floating ones take ``dtype``)."""
+    """``module.to(device, dtype)`` by replacing each parameter and buffer (floating ones take ``dtype``).
+
+    A module's own ``_apply`` extension (state outside parameters and buffers) is not replayed: move such modules
+    first from real tensors (built before the block), which takes torch's own path.
+    """
     def moved(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
