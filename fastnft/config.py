@@ -469,6 +469,12 @@ class ExperimentConfig:
                  f"must be <= policy.num_steps={self.policy.num_steps}")
         _require(self.nft.baseline != "group" or self.train.group_size > 1, "nft.baseline",
                  "'group' needs train.group_size > 1 (several rollouts per initial state)")
+        grouped = self.nft.baseline == "group" or self.algo == "grpo"
+        _require(not (grouped and self.env.sim_backend == "gpu" and self.env.task != "bandit"), "env.sim_backend",
+                 "gpu with nft.baseline: group / algo: grpo is refused until measured on a GPU: equal seeds must give "
+                 "equal initial states, and mani_skill 3.0.1's batched GPU reset seeds every env from the first "
+                 "seed (fastnft resets env by env to fix it; fastnft doctor's maniskill_gpu_seeding row checks it). "
+                 "Fix: env.sim_backend: cpu, or nft.baseline: batch / none with algo: stepnft")
         rgb = self.env.obs_mode == "rgb"
         _require(rgb == (self.policy.kind == "pi0"), "env.obs_mode",
                  f"policy.kind {self.policy.kind!r} reads {'camera frames' if self.policy.kind == 'pi0' else 'states'}"

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-__all__ = ["check_generator", "local_rank", "make_generator", "resolve_device"]
+__all__ = ["check_generator", "check_precision", "local_rank", "make_generator", "resolve_device"]
 
 
 def local_rank() -> int:
@@ -82,3 +82,21 @@ def check_generator(generator: torch.Generator | None, device: torch.device | st
         raise ValueError(f"{what}: a {generator.device.type} generator draws for {dev} tensors; generators live on "
                          f"the device they draw for: build it with fastnft.devices.make_generator({str(dev)!r}, "
                          "seed)")
+
+
+def check_precision(device: torch.device | str, dtype: str) -> None:
+    """``engine.dtype`` is usable on ``device``: bf16 autocast on CUDA needs compute capability >= 8.0 (Ampere).
+
+    On an older GPU (V100 sm_70, T4 sm_75) torch's bf16 autocast raises inside the first policy call, or emulates
+    bf16 matmuls slowly; this names the config key instead.
+
+    Raises:
+        ValueError: ``dtype == "bfloat16"`` on a CUDA device of compute capability < 8.0.
+    """
+    dev = torch.device(device)
+    if dtype != "bfloat16" or dev.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        raise ValueError(f"engine.dtype: bfloat16 needs a GPU of compute capability >= 8.0 (Ampere or newer); {dev} "
+                         f"is sm_{major}{minor}. Fix: set engine.dtype: float32")

@@ -91,6 +91,7 @@ def _engine_factory(module, train_cfg, engine_cfg, ds_overrides=None, device=Non
     eng.zero_stage = 0
     eng._names = [n for n, p in module.named_parameters() if p.requires_grad]
     module.to(eng.device)
+    eng._module = module
     eng.engine = _DeepSpeedStandIn(module, train_cfg)
     return eng
 
@@ -199,11 +200,12 @@ def _cfg_policy():
 
 
 def test_collectives_use_the_backends_device(monkeypatch):
-    """With an NCCL group, the trainer's MIN and the evaluation's SUM all-reduce CUDA tensors (NCCL rejects CPU)."""
+    """With an NCCL group, the trainer's MIN, the evaluation's SUM and the metrics' mean all-reduce CUDA tensors
+    (NCCL rejects CPU)."""
     import torch.distributed as tdist
 
     from fastnft.engine import dist as fdist
-    from fastnft.engine.dist import all_reduce
+    from fastnft.engine.dist import all_reduce, all_reduce_mean
 
     seen = []
     monkeypatch.setattr(fdist, "is_initialized", lambda: True)
@@ -214,9 +216,15 @@ def test_collectives_use_the_backends_device(monkeypatch):
         out = all_reduce(torch.tensor([5, 7]), tdist.ReduceOp.MIN)
         assert out.device.type == "cpu"  # handed back on the caller's device
     assert seen == [CUDA0]
+    with fake_cuda():  # the mean too (issue 16: it used to hand NCCL the caller's CPU tensor)
+        host = torch.tensor([1.0, 3.0])
+        assert all_reduce_mean(host) is host and host.device.type == "cpu"
+    assert seen == [CUDA0, CUDA0]
     monkeypatch.setattr(tdist, "get_backend", lambda *a, **k: "gloo")
     all_reduce(torch.tensor([5.0]), tdist.ReduceOp.SUM)
     assert seen[-1].type == "cpu"
+    mean = all_reduce_mean(torch.tensor([4.0]))
+    assert seen[-1].type == "cpu" and mean.tolist() == [2.0]  # summed (stand-in: unchanged), divided by 2 ranks
 
 
 def test_device_resolution_honours_cpu_and_local_rank(monkeypatch):
@@ -265,3 +273,18 @@ def test_resume_across_device_types_is_a_clear_error(tmp_path, monkeypatch):
         tr.engine.load_checkpoint_state = lambda s: None  # the actor part is not what this test is about
         with pytest.raises(CheckpointError, match="holds cpu random generator states"):
             tr._resume()
+
+
+def test_bf16_on_a_pre_ampere_gpu_names_the_config_key(tmp_path, monkeypatch):
+    """``engine.dtype: bfloat16`` on an sm_75 GPU (T4): a clear error before anything runs, not one inside autocast."""
+    cfg = _cfg(tmp_path, "bfloat16")
+    monkeypatch.setattr(fengine, "ActorEngine", _engine_factory)
+    torch.manual_seed(0)
+    policy = StateFlowPolicy(4, 2, cfg.policy)
+    with fake_cuda(capability=(7, 5)):
+        with pytest.raises(ValueError, match=r"engine.dtype: bfloat16 needs .* sm_75\. Fix: set engine.dtype: float32"):
+            trainer_mod.StepNFTTrainer(cfg, policy, DeviceEnv(6, CUDA0), progress=False)
+        from fastnft.devices import check_precision
+
+        check_precision(CUDA0, "float32")
+        check_precision("cpu", "bfloat16")

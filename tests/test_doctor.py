@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastnft.doctor.checks import CHECKS, NO_CUDA
+from fastnft.doctor.checks import CHECKS, NO_CUDA, UNCOVERED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,12 +28,17 @@ def test_doctor_prints_table_and_writes_json(tmp_path):
     for c in CHECKS:
         r = rows[c.name]
         assert r["status"] in ("pass", "skipped") and r["seconds"] >= 0, r
-        assert f"| {c.name} | {r['status']} |" in proc.stdout  # the printed table row
+        assert r["what"] == c.what and len(c.what) > 10  # what the row checks, in the JSON and printed
+        assert f"| {c.name} | {r['status']} |" in proc.stdout and f"| {c.what} |" in proc.stdout
         if not c.gpu:
             assert r["status"] == "pass", r
         elif not torch.cuda.is_available():
             assert r["status"] == "skipped" and r["detail"] == NO_CUDA, r
     assert report["cuda_available"] == torch.cuda.is_available()
+    assert report["unchecked"] == UNCOVERED and "Not covered by any row" in proc.stdout
+    assert all(f"- {u}" in proc.stdout for u in UNCOVERED)
+    # the environment rows print the driver and ptxas versions (ptxas from triton's bundled binary)
+    assert "ptxas" in rows["driver_and_ptxas"]["detail"] and "driver" in rows["driver_and_ptxas"]["detail"]
     assert f"{sum(not c.gpu for c in CHECKS)} passed, 0 failed" in proc.stdout or torch.cuda.is_available()
 
 
@@ -70,3 +75,44 @@ def test_checks_after_the_time_budget_are_skipped(monkeypatch):
     monkeypatch.setattr(dc, "CHECKS", [dc.Check("a", lambda: "ran", False, "", isolate=False)])
     res = run_doctor(budget_s=0.0)
     assert res[0].status == "skipped" and "time budget" in res[0].detail
+
+
+def test_issue16_rows_are_listed():
+    """The first-GPU-run rows (issue 16): SFT on CUDA, pi0 attention auto in fp32 and bf16, pi0 under ZeRO-3, the
+    ManiSkill GPU seeding contract; all GPU rows, each saying what it checks."""
+    rows = {c.name: c for c in CHECKS}
+    for name in ("sft_cuda", "pi0_attention_fp32", "pi0_attention_bf16", "pi0_zero3", "maniskill_gpu_seeding"):
+        assert rows[name].gpu and rows[name].isolate, name
+    assert not rows["driver_and_ptxas"].gpu
+
+
+def test_table_shows_what_each_row_checks_and_what_is_unchecked():
+    from fastnft.doctor import CheckResult, format_results
+
+    text = format_results([CheckResult("a", "pass", 0.1, False, "ok", "the a-ness of a")], ["b at scale"])
+    assert "| a | pass | 0.1 | the a-ness of a | ok |" in text
+    assert text.endswith("Not covered by any row (check these by hand on a GPU):\n- b at scale")
+
+
+def test_first_run_rows_run_on_cpu(monkeypatch):
+    """The issue-16 GPU rows' own code, run on CPU (their CUDA requirement lifted): a row that cannot run at all
+    (a typo, a wrong key) fails here, not first on a GPU. pi0_zero3 runs in tests/test_doctor.py's child below."""
+    from fastnft.doctor import first_run
+
+    monkeypatch.setattr(first_run, "_need_cuda", lambda: torch.device("cpu"))
+    assert "40 steps on cpu" in first_run.sft_cuda()
+    for row in (first_run.pi0_attention_fp32, first_run.pi0_attention_bf16):
+        assert "attention auto -> sdpa: 0 flash-attn calls" in row()
+
+
+def test_pi0_zero3_row_runs_on_cpu(tmp_path):
+    code = ("import torch; from fastnft.doctor import first_run; "
+            "first_run._need_cuda = lambda: torch.device('cpu'); print(first_run.pi0_zero3_cuda())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "fastnft" / "torch_extensions"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "1 iteration, loss" in proc.stdout and "frozen tensors whole in the EMA copy" in proc.stdout

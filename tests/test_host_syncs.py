@@ -55,6 +55,8 @@ def _pi0_call_syncs(monkeypatch, depth: int, K: int) -> SyncCounter:
             return attention_mod.reference_varlen(q.to(dt), k.to(dt), v.to(dt), *args, **kw).to(q.dtype)
 
     monkeypatch.setattr(pi0_mod, "resolve_backend", lambda name, device: "flash")
+    # the tiny model runs in fp32; varlen above casts to 16-bit as a bf16 run would, so let fp32 calls take flash
+    monkeypatch.setattr(attention_mod, "flash_fits", lambda q, *kv: True)
     monkeypatch.setattr(attention_mod, "_flash_varlen", lambda: varlen)
     cfg = Pi0Config.tiny("pi0")
     cfg = replace(cfg, vlm=replace(cfg.vlm, depth=depth), expert=replace(cfg.expert, depth=depth))
@@ -165,6 +167,8 @@ def test_pi0_flash_path_with_reused_packing_equals_sdpa(monkeypatch):
         return attention_mod.reference_varlen(q.to(dt), k.to(dt), v.to(dt), *args, **kw).to(q.dtype)
 
     monkeypatch.setattr(pi0_mod, "resolve_backend", lambda name, device: "flash")
+    # the tiny model runs in fp32; varlen above casts to 16-bit as a bf16 run would, so let fp32 calls take flash
+    monkeypatch.setattr(attention_mod, "flash_fits", lambda q, *kv: True)
     monkeypatch.setattr(attention_mod, "_flash_varlen", lambda: varlen)
     with torch.no_grad():
         ctx = pol.model.encode(inputs)

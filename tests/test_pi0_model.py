@@ -213,15 +213,81 @@ def test_flash_blockwise_decomposition_equals_dense_mask(with_padding):
     if with_padding:
         valid[1, 4:P] = False
         valid[2, 0:P] = False  # a sample with an empty prefix
-    q = torch.randn(B, Hq, S, hd, generator=g)
-    k, v = torch.randn(B, Hkv, S, hd, generator=g), torch.randn(B, Hkv, S, hd, generator=g)
-    dense = attend(q, k, v, q_block, k_block, valid, "sdpa")
+    # bf16 inputs: flash-attn 2 (and its strict CPU stand-in) takes fp16 / bf16 only
+    q = torch.randn(B, Hq, S, hd, generator=g).bfloat16()
+    k, v = torch.randn(B, Hkv, S, hd, generator=g).bfloat16(), torch.randn(B, Hkv, S, hd, generator=g).bfloat16()
+    dense = attend(q.float(), k.float(), v.float(), q_block, k_block, valid, "sdpa")
     blockwise = attend(q, k, v, q_block, k_block, valid, "flash", varlen_fn=reference_varlen)
+    assert blockwise.dtype == torch.bfloat16
     rows = valid  # padded queries have unused outputs
-    assert torch.allclose(dense[rows], blockwise[rows], atol=1e-5)
+    assert torch.allclose(dense[rows], blockwise[rows].float(), atol=2e-2)  # bf16 output rounding
     m = block_mask(q_block, k_block, valid)
     assert not m[0, :P, P:].any() and m[0, P + 1:, :].all()  # prefix never sees the suffix; actions see all
     assert m[0, P, : P + 1].all() and not m[0, P, P + 1:].any()  # pi0's state token: prefix + itself, no actions
+
+
+def test_flash_contract_is_enforced_and_auto_picks_per_call():
+    """flash-attn 2 takes fp16/bf16 only (head dim <= 256, int32 cu_seqlens): the CPU stand-in refuses the rest,
+    an explicit ``flash`` backend names the fix, and ``auto`` runs such calls with SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    blk, valid = torch.zeros(5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    flat = q.transpose(1, 2).reshape(10, 2, 8)
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        reference_varlen(flat, flat, flat, cu, cu, 5, 5)
+    with pytest.raises(RuntimeError, match="int32"):
+        reference_varlen(flat.bfloat16(), flat.bfloat16(), flat.bfloat16(), cu.long(), cu, 5, 5)
+    wide = torch.zeros(10, 1, 264, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dimension"):
+        reference_varlen(wide, wide, wide, cu, cu, 5, 5)
+    with pytest.raises(ValueError, match="engine.dtype: bfloat16"):
+        attend(q, k, v, blk, blk, valid, "flash", varlen_fn=reference_varlen)
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(a[0].dtype)
+        return reference_varlen(*a, **kw)
+
+    import fastnft.policies.attention as att
+
+    fp32 = attend(q, k, v, blk, blk, valid, "auto", varlen_fn=counting)
+    assert calls == [] and torch.equal(fp32, attend(q, k, v, blk, blk, valid, "sdpa"))
+    attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), blk, blk, valid, "auto", varlen_fn=counting)
+    assert calls == [torch.bfloat16]
+    assert att.flash_fits(q.half()) and not att.flash_fits(q) and not att.flash_fits(wide)
+    assert not att.flash_fits(q.bfloat16(), k, v)  # mixed dtypes: flash-attn takes one dtype
+
+
+@pytest.mark.parametrize("vlm_dtype,precision", [("float32", "float32"), ("bfloat16", "float32"),
+                                                 ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
+def test_pi0_attention_auto_on_a_flash_host(monkeypatch, vlm_dtype, precision):
+    """pi0 with ``attention: auto`` where flash-attn is installed (flash-attn replaced by its strict CPU stand-in):
+    fp32 calls (``engine.dtype: float32``) take SDPA, bf16 calls take flash-attn, and the velocity equals SDPA's.
+    Before the per-call rule, ``auto`` sent fp32 q/k/v to flash-attn, which rejects them."""
+    import fastnft.policies.attention as att
+
+    calls = []
+
+    def strict_varlen(*a, **kw):
+        calls.append(a[0].dtype)
+        return reference_varlen(*a, **kw)
+
+    pol_s = _policy("pi0", attention="sdpa", vlm_dtype=vlm_dtype).set_precision(precision)
+    pol_a = _policy("pi0", attention="auto", vlm_dtype=vlm_dtype).set_precision(precision)
+    inp = _inputs(pol_s.cfg)
+    x, t = _xt(pol_s.cfg)
+    ref = pol_s.velocity(x, t, pol_s.encode(inp))
+    monkeypatch.setattr(att, "flash_available", lambda device: True)
+    monkeypatch.setattr(att, "_flash_varlen", lambda: strict_varlen)
+    v = pol_a.velocity(x, t, pol_a.encode(inp))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    if vlm_dtype == precision == "float32":
+        assert calls == []  # every call fp32: SDPA
+    else:
+        assert calls and set(calls) == {torch.bfloat16}  # the bf16 prefix (and the bf16 expert) on flash-attn
+    tol = 1e-5 if vlm_dtype == precision == "float32" else 5e-2
+    assert torch.allclose(v, ref, atol=tol, rtol=tol), (v - ref).abs().max()
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
     fastnft doctor                      # table on stdout, JSON in doctor.json
     fastnft doctor --json runs/doctor.json --only kernels_cuda,cuda_graph
 
-Prints a pass / fail / skipped table with the seconds each check took and writes the same as JSON. Without CUDA
+Prints a pass / fail / skipped table with the seconds each check took and what it checks, then what no row covers,
+and writes the same as JSON (``results[i].what``, ``unchecked``). Without CUDA
 the CPU-side checks run and every GPU check is listed as skipped, with the reason. The checks live in
 :mod:`fastnft.doctor.checks`; the whole run is bounded to about ten minutes on one GPU. Exit status: 0 when no
 check failed, 1 otherwise.
@@ -32,6 +33,7 @@ class CheckResult:
         seconds: wall time of the check.
         gpu: whether the check needs a GPU.
         detail: the result line, the failure, or why it was skipped.
+        what: what the check checks (its one-line description).
     """
 
     name: str
@@ -39,6 +41,7 @@ class CheckResult:
     seconds: float
     gpu: bool
     detail: str
+    what: str = ""
 
 
 def run_doctor(only: list[str] | None = None, budget_s: float = 600.0) -> list[CheckResult]:
@@ -78,17 +81,20 @@ def run_doctor(only: list[str] | None = None, budget_s: float = 600.0) -> list[C
             last = traceback.extract_tb(e.__traceback__)[-1]
             detail = f"{type(e).__name__}: {str(e)[:600]} ({Path(last.filename).name}:{last.lineno})"
             status = "fail"
-        results.append(CheckResult(check.name, status, time.perf_counter() - t0, check.gpu, detail))
+        results.append(CheckResult(check.name, status, time.perf_counter() - t0, check.gpu, detail, check.what))
     return results
 
 
-def format_results(results: list[CheckResult]) -> str:
-    """The Markdown table: check, status, seconds, detail."""
-    rows = ["| check | status | seconds | detail |", "|---|---|---|---|"]
+def format_results(results: list[CheckResult], unchecked: list[str] | None = None) -> str:
+    """The Markdown table (check, status, seconds, what it checks, detail), the counts, and what no row covers."""
+    rows = ["| check | status | seconds | checks | detail |", "|---|---|---|---|---|"]
     rows += [f"| {r.name} | {r.status.upper() if r.status == 'fail' else r.status} | {r.seconds:.1f} | "
-             f"{r.detail.replace('|', '/')} |" for r in results]
+             f"{r.what.replace('|', '/')} | {r.detail.replace('|', '/')} |" for r in results]
     n = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skipped")}
     rows.append(f"\n{n['pass']} passed, {n['fail']} failed, {n['skipped']} skipped")
+    if unchecked:
+        rows.append("\nNot covered by any row (check these by hand on a GPU):")
+        rows += [f"- {u}" for u in unchecked]
     return "\n".join(rows)
 
 
@@ -109,12 +115,14 @@ def add_doctor_args(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run, print the table, write the JSON; 1 if a check failed."""
     only = [n for n in args.only.split(",") if n]
+    from fastnft.doctor.checks import UNCOVERED
+
     results = run_doctor(only or None)
-    print(format_results(results))
+    print(format_results(results, UNCOVERED))
     out = {"cuda_available": torch.cuda.is_available(),
            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
            if torch.cuda.is_available() else [],
-           "torch": torch.__version__, "results": [asdict(r) for r in results]}
+           "torch": torch.__version__, "results": [asdict(r) for r in results], "unchecked": list(UNCOVERED)}
     from fastnft.atomic import write_json_atomic
 
     write_json_atomic(args.json, out)

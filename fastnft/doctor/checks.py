@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKS", "Check", "Skip"]
+from fastnft.doctor.common import NO_CUDA, Skip, need_cuda
 
-NO_CUDA = "no CUDA device visible (torch.cuda.is_available() is False)"
+__all__ = ["CHECKS", "NO_CUDA", "UNCOVERED", "Check", "Skip"]
+
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FASTNFT_SINGLE_PROCESS_PID")
-
-
-class Skip(Exception):
-    """The check cannot run here; the message is the reason shown in the table."""
 
 
 class Check:
@@ -44,11 +41,7 @@ class Check:
 
 
 def _need_cuda(n: int = 1) -> torch.device:
-    if not torch.cuda.is_available():
-        raise Skip(NO_CUDA)
-    if torch.cuda.device_count() < n:
-        raise Skip(f"needs {n} CUDA devices, {torch.cuda.device_count()} visible")
-    return torch.device("cuda", 0)
+    return need_cuda(n)
 
 
 # -- always -----------------------------------------------------------------------------------------------------
@@ -250,8 +243,21 @@ def kernel_bench() -> str:
     return "; ".join(f"{k}: fused {f:.3f} ms vs eager {e:.3f} ms ({e / f:.1f}x)" for k, (f, e) in out.items())
 
 
+def _first_run(name: str):
+    """A check of :mod:`fastnft.doctor.first_run`, imported when it runs."""
+    def run() -> str:
+        from fastnft.doctor import first_run
+
+        return getattr(first_run, name)()
+    run.__doc__ = f"fastnft.doctor.first_run.{name}"
+    return run
+
+
 CHECKS = [
     Check("environment", environment, False, "versions and devices", isolate=False),
+    Check("driver_and_ptxas", _first_run("driver_and_ptxas"), False,
+          "NVIDIA driver (nvidia-smi) and the ptxas Triton compiles with (cubins from a ptxas newer than the "
+          "driver's CUDA may not load)", isolate=False),
     Check("spec_math", spec_math, False, "SPEC S2 check values, S7 identity (float64)", isolate=False),
     Check("kernels_interpreted", kernels_interpreted, False, "fused kernels vs float64 reference, Triton interpreter",
           env={"TRITON_INTERPRET": "1"}),
@@ -266,7 +272,30 @@ CHECKS = [
     Check("maniskill_gpu", maniskill_gpu, True, "ManiSkill PickCube-v1, GPU sim, 2 iterations"),
     Check("nccl_two_ranks", nccl_two_ranks, True, "2 ranks, NCCL, ZeRO-2 (>= 2 GPUs)"),
     Check("kernel_bench", kernel_bench, True, "short kernel benchmark", env={"TRITON_INTERPRET": None}),
+    Check("sft_cuda", _first_run("sft_cuda"), True,
+          "SFT, 40 steps on CUDA: generator on the GPU, loss falls (sft / pipeline / grid start here)"),
+    Check("pi0_attention_fp32", _first_run("pi0_attention_fp32"), True,
+          "tiny pi0, attention auto, fp32: no fp32 call reaches flash-attn, velocity equals SDPA's"),
+    Check("pi0_attention_bf16", _first_run("pi0_attention_bf16"), True,
+          "tiny pi0, attention auto, bf16: flash-attn where installed, velocity equals SDPA's (bf16 tolerance)"),
+    Check("pi0_zero3", _first_run("pi0_zero3_cuda"), True,
+          "tiny pi0, ZeRO-3, one GPU: 1 iteration (rollout, update, EMA); frozen prefix whole in the EMA copy"),
+    Check("maniskill_gpu_seeding", _first_run("maniskill_gpu_seeding"), True,
+          "ManiSkill GPU scene: reset([5, 5, 7, 7]) gives equal rows pairwise (group baseline / GRPO need it)"),
 ]
+
+
+UNCOVERED = [
+    "pi0 / pi0.5 at full size (a real 3B checkpoint): memory, speed and flash-attn numerics at head dim 256",
+    "pi0 on the ManiSkill GPU scene with GPU-rendered cameras (pi0 rows use synthetic frames)",
+    "ZeRO-3 (and any ZeRO stage with pi0) across 2 or more GPUs; more than 2 ranks; multi-node",
+    "CUDA graphs with pi0 (the cuda_graph row captures the state policy)",
+    "learning on a GPU: no row checks that success rises, only that the paths run and agree with references",
+    "host syncs per pi0 policy call and per rollout round on a GPU (counted on CPU by the tests only)",
+    "GPUs older than Ampere (sm_70 / sm_75): bf16 and flash-attn are refused there by config checks, never run",
+    "kernel register use and spills on this GPU (the kernels rows check values and speed, not occupancy)",
+]
+"""What no row of the doctor covers (printed under the table and written to the JSON as ``unchecked``)."""
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks, in place and returned (any shape; float dtype).
+    """Mean of ``tensor`` over ranks, in place and returned (any shape; float dtype; any device: the collective
+    runs on :func:`collective_device` like :func:`all_reduce`, so a CPU tensor under NCCL works).
 
     Raises:
         TypeError: an integer/bool tensor (the mean would truncate); convert it with ``.float()`` first.
@@ -232,8 +233,9 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise TypeError(f"all_reduce_mean needs a floating tensor, got {tensor.dtype}; call .float() first")
     if is_initialized() and world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(world_size())
+        work = tensor.to(collective_device())  # the tensor itself when it is already there
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        tensor.copy_(work.div_(world_size()))
     return tensor
 
 

@@ -77,13 +77,54 @@ def _z3_set_full(param: nn.Parameter, value: torch.Tensor, key: str | None) -> N
     part.copy_(padded[r * n:(r + 1) * n])
 
 
+def _trainable_parts(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules of ``module`` whose parameters are all trainable, covering every trainable one.
+
+    Raises:
+        ValueError: a module holds trainable parameters directly (not in a submodule) next to frozen ones: they
+            cannot be handed to DeepSpeed without the frozen ones.
+    """
+    params = list(module.parameters())
+    if not any(p.requires_grad for p in params):
+        return []
+    if all(p.requires_grad for p in params):
+        return [module]
+    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if own:
+        raise ValueError(f"ZeRO-3: {type(module).__name__} holds trainable parameters {own} next to frozen ones; "
+                         "move them into a submodule, or use engine.zero_stage <= 2")
+    parts: dict[int, nn.Module] = {}
+    for child in module.children():
+        for part in _trainable_parts(child):
+            parts.setdefault(id(part), part)
+    return list(parts.values())
+
+
+class _TrainableView(nn.Module):
+    """What DeepSpeed wraps under ZeRO-3 when the policy has frozen parameters: the trainable submodules only.
+
+    ZeRO-3 partitions every parameter of the module it wraps, in place. pi0's frozen PaliGemma prefix is shared
+    with the EMA rollout copy (``Pi0Model.__deepcopy__``, to hold it once), so partitioning it would leave the EMA
+    copy's prefix as empty stubs; and partitioning frozen weights buys nothing (they have no gradient or optimizer
+    state). The parts are the policy's own submodules, so DeepSpeed's fetch hooks fire when the policy calls them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(_trainable_parts(module))
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("ActorEngine under ZeRO-3: call the policy (ActorEngine.module), not the DeepSpeed engine")
+
+
 class ActorEngine:
     """A policy wrapped by ``deepspeed.initialize`` with torch AdamW and ZeRO stage ``engine_cfg.zero_stage``.
 
     Args:
         module: the live policy (full, on CPU or already on this rank's device). Only parameters with
-            ``requires_grad`` are optimised. Under ZeRO-3 its parameters become partitioned in place: build
-            the :class:`~fastnft.engine.ema.EMA` before this engine.
+            ``requires_grad`` are optimised. Under ZeRO-3 its trainable parameters become partitioned in place
+            (build the :class:`~fastnft.engine.ema.EMA` before this engine); frozen ones stay whole and out of
+            DeepSpeed (only the trainable submodules are wrapped).
         train_cfg: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``grad_clip``.
         engine_cfg: ``zero_stage``, ``dtype``.
         ds_overrides: optional entries merged (top level) into the DeepSpeed config.
@@ -91,7 +132,7 @@ class ActorEngine:
             ``cpu`` is honoured on a CUDA host.
 
     Attributes:
-        engine: the ``deepspeed.DeepSpeedEngine``. module: the wrapped policy (call it / its methods directly).
+        engine: the ``deepspeed.DeepSpeedEngine``. module: the policy (call it / its methods directly).
         rank, world_size, is_main, device.
 
     Raises:
@@ -117,19 +158,23 @@ class ActorEngine:
         if not self._names:
             raise ValueError("ActorEngine: the module has no parameter with requires_grad=True; nothing to train")
         module.to(self.device)
+        self._module = module
         params = [p for p in module.parameters() if p.requires_grad]
+        # ZeRO-3 with frozen parameters: only the trainable submodules go to DeepSpeed (see _TrainableView)
+        wrapped = (_TrainableView(module) if self.zero_stage == 3 and len(params) < len(list(module.parameters()))
+                   else module)
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
                                       weight_decay=train_cfg.weight_decay)
         self.ds_config = build_ds_config(train_cfg, engine_cfg, use_cuda)
         self.ds_config.update(ds_overrides or {})
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                                                  config=self.ds_config)
 
     # ------------------------------------------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
-        """The wrapped policy (same object and parameter names as the module passed in)."""
-        return self.engine.module
+        """The policy (the module passed in: same object and parameter names)."""
+        return self._module
 
     @property
     def rank(self) -> int:

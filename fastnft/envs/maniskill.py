@@ -13,7 +13,9 @@ Two backends behind one class, :class:`ManiSkillVectorEnv`:
   remain are ManiSkill's/SAPIEN's own: the PhysX-GPU ``scene.step()`` and its ``gpu_apply_*`` / ``gpu_fetch_*``
   transfers between PhysX's buffers and torch block the host until PhysX's CUDA work is done (and
   ``torch.cuda.synchronize()`` in ManiSkill's sensor path, which state observations do not take). A reset
-  seeds each env's numpy RNG on the host (per reset, not per step).
+  seeds each env's numpy RNG on the host (per reset, not per step), and resets the envs one at a time so that
+  equal seeds give equal initial states (:meth:`ManiSkillVectorEnv._gpu_reset`); until that is measured on a
+  GPU, grouped baselines and GRPO are refused on this backend (the config, :func:`check_grouped_seeding`).
 
 SAPIEN needs a Vulkan device even for state observations; on a CPU-only machine that is Mesa lavapipe >= 24.3
 (installed by ``bash scripts/install.sh``). :func:`make_single_env` builds exactly the env one CPU worker runs,
@@ -66,7 +68,8 @@ if TYPE_CHECKING:
 
     from fastnft.config import EnvConfig
 
-__all__ = ["VULKAN_FIX", "ManiSkillVectorEnv", "check_task", "make_single_env", "resolve_backend", "vulkan_available"]
+__all__ = ["VULKAN_FIX", "ManiSkillVectorEnv", "check_grouped_seeding", "check_task",
+           "make_single_env", "resolve_backend", "vulkan_available"]
 
 VULKAN_FIX = ("SAPIEN (ManiSkill's simulator) found no Vulkan device. Fix: run `bash scripts/install.sh` (it "
               "installs Mesa lavapipe >= 24.3 from bookworm-backports, the CPU Vulkan driver), or set up a GPU "
@@ -145,6 +148,25 @@ def resolve_backend(cfg: EnvConfig) -> str:
         raise RuntimeError("env.sim_backend=gpu needs a CUDA device; none found. Fix: set env.sim_backend=cpu "
                            "(or auto)")
     return cfg.sim_backend
+
+
+def check_grouped_seeding(backend: str, grouped: bool) -> None:
+    """Refuse grouped rollouts (the group baseline, GRPO) on the GPU backend until its seeding is measured.
+
+    Both subtract means over the ``train.group_size`` rollouts of one initial state, which holds only if equal
+    seeds give equal initial states (:meth:`ManiSkillVectorEnv._gpu_reset`). ``env.sim_backend: gpu`` is refused by
+    the config; this catches ``auto`` resolved to gpu.
+
+    Raises:
+        ValueError: ``backend == "gpu"`` and ``grouped``.
+    """
+    if backend == "gpu" and grouped:
+        raise ValueError("nft.baseline: group / algo: grpo on the ManiSkill GPU backend (env.sim_backend auto resolved "
+                         "to gpu) is refused until measured on a GPU: the group means assume that equal seeds give "
+                         "equal initial states, which mani_skill 3.0.1's batched GPU reset breaks (it seeds every env "
+                         "from the first seed); fastnft resets env by env to fix it, not yet run on a GPU (fastnft "
+                         "doctor's maniskill_gpu_seeding row checks it). Fix: env.sim_backend: cpu, or "
+                         "nft.baseline: batch / none with algo: stepnft")
 
 
 def _translate_sim_error(e: BaseException) -> BaseException:
@@ -377,6 +399,7 @@ class ManiSkillVectorEnv(VectorEnv):
         self.backend = resolve_backend(cfg)
         self._venv: Any = None
         self._gpu_env: Any = None
+        self._gpu_scene_ready = False  # the GPU scene has had its first (reconfiguring, batched) reset
         if self.backend == "cpu":
             self._init_cpu(cfg)
         else:
@@ -461,9 +484,30 @@ class ManiSkillVectorEnv(VectorEnv):
         out[TASK_KEY] = list(self._tasks)
         return out
 
+    def _gpu_reset(self, seeds: list[int]) -> None:
+        """Reset every env of the batched GPU scene from its own seed: equal seeds give equal initial states.
+
+        mani_skill 3.0.1 seeds a batched reset with the FIRST seed only (``torch.manual_seed(episode_seed[0])``
+        around ``_initialize_episode``), and tasks such as PickCube then draw all envs' initial poses in one
+        batched draw: ``reset(seed=[5, 5, 7, 7])`` gives four different states, which breaks the group baseline and
+        GRPO (means over rollouts from one initial state). So env j is reset alone, ``reset(seed=[s_j] * N,
+        options={"env_idx": [j]})``: its draw has batch 1 and depends on ``s_j`` only. The first reset of a scene
+        reconfigures it, which ManiSkill does for all envs at once, so it is one batched reset first. Cost: one
+        ManiSkill reset per env (an observation each), per episode start. Not yet run on a GPU (the stub test in
+        tests/test_envs_maniskill_seeding.py implements mani_skill's rule; the GPU test is skipped without CUDA).
+        """
+        env = self._gpu_env
+        if not self._gpu_scene_ready:
+            env.reset(seed=[int(s) for s in seeds])
+            self._gpu_scene_ready = True
+        for j, s in enumerate(seeds):
+            # s_j in every slot: the torch draw (seeded from slot 0) and, with enhanced determinism, the per-env
+            # numpy RNG of slot j both come from s_j
+            env.reset(seed=[int(s)] * self.num_envs, options={"env_idx": torch.tensor([j], device=self.device)})
+
     def _reset(self, seeds: list[int]) -> EnvObs:
-        if self._gpu_env is not None:  # pragma: no cover - needs CUDA
-            self._gpu_env.reset(seed=list(seeds))
+        if self._gpu_env is not None:
+            self._gpu_reset(seeds)
             return self._gpu_obs(_reset_obs(self._gpu_env.unwrapped))
         self._require_open()
         obs, _ = self._venv.reset(seed=list(seeds))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fastnft.chunks import ChunkDataset, chunks_from_episodes
 from fastnft.config import ConfigError, ExperimentConfig, PolicyConfig, SFTConfig, config_to_dict
-from fastnft.devices import resolve_device
+from fastnft.devices import check_generator, make_generator, resolve_device
 from fastnft.experiments.demos import demo_path, load_demo_episodes
 from fastnft.policies.io import PolicyFileError, load_policy, save_policy
 from fastnft.policies.normalizer import Normalizer
@@ -41,14 +41,18 @@ def flow_matching_loss(policy: StateFlowPolicy, obs: Tensor, actions: Tensor, is
         obs: ``[B, obs_dim]`` raw observations.
         actions: ``[B, H, act_dim]`` raw env actions.
         is_pad: ``[B, H]`` bool or None.
-        generator: RNG for ``t`` and ``eps`` (on the batch's device).
+        generator: RNG for ``t`` and ``eps``; lives on the batch's device (``fastnft.devices.make_generator``).
 
     Returns:
         0-d float32 tensor.
+
+    Raises:
+        ValueError: ``generator`` lives on another device type than the batch (a CPU generator for CUDA draws).
     """
     a = policy.normalize_actions(actions)
     B = a.shape[0]
     dev = a.device
+    check_generator(generator, dev, "flow-matching t and noise")
     # Beta(1.5, 1) by inversion (its CDF is x^1.5), so that t comes from ``generator`` too: torch's Beta sampler
     # draws from the global RNG, which made SFT depend on whatever ran before it in the process.
     u = torch.rand(B, generator=generator, device=dev)
@@ -87,25 +91,27 @@ def train_sft(policy: StateFlowPolicy, data: ChunkDataset, cfg: SFTConfig, devic
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.steps, 1.0))))
-    g = torch.Generator().manual_seed(cfg.seed)
+    # one generator on the training device for batch indices, t and noise (on CPU: the same draws as before)
+    g = make_generator(device, cfg.seed)
     obs, act, pad = data.obs.to(device), data.actions.to(device), data.is_pad.to(device)
     M = len(data)
-    history, run = [], 0.0
+    history = []
+    run = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host read per log line
     bar = tqdm(range(cfg.steps), desc="sft", disable=not progress, mininterval=2.0)
     for step in bar:
-        idx = torch.randint(0, M, (min(cfg.batch_size, M),), generator=g).to(device)
+        idx = torch.randint(0, M, (min(cfg.batch_size, M),), generator=g, device=device)
         loss = flow_matching_loss(policy, obs[idx], act[idx], pad[idx], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         sched.step()
-        run += loss.item()
+        run += loss.detach()
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             n = (step % log_every) + 1
-            history.append(run / n)
-            bar.set_postfix(loss=f"{run / n:.4f}")
-            run = 0.0
+            history.append(float(run) / n)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            run.zero_()
     policy.eval()
     return history
 

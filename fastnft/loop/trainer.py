@@ -17,7 +17,7 @@ import torch.distributed as tdist
 from tqdm.auto import tqdm
 
 from fastnft.config import ExperimentConfig, config_to_dict
-from fastnft.devices import make_generator, resolve_device
+from fastnft.devices import check_precision, make_generator, resolve_device
 from fastnft.engine import EMA, CheckpointError, config_fingerprint, ema_decay, load_latest, save_checkpoint
 from fastnft.engine import dist as fdist
 from fastnft.envs.base import VectorEnv
@@ -65,6 +65,11 @@ class StepNFTTrainer:
         self.profile = ProfileWindow(profile_steps)
         self.run_dir = Path(cfg.run_dir)
         device = resolve_device(cfg.device)
+        check_precision(device, cfg.engine.dtype)
+        if getattr(env, "backend", None) == "gpu":  # env.sim_backend auto resolved to gpu (gpu itself: the config)
+            from fastnft.envs.maniskill import check_grouped_seeding
+
+            check_grouped_seeding("gpu", cfg.nft.baseline == "group" or cfg.algo == "grpo")
         policy.set_precision(cfg.engine.dtype)  # before the EMA copy: rollouts run in the same precision
         self.ema = EMA(policy)  # before the engine: ZeRO-3 partitions the live parameters
         self.engine = ActorEngine(policy, cfg.train, cfg.engine, device=device)

@@ -21,25 +21,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available", "resolve_backend", "varlen_plan"]
+__all__ = ["VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available", "flash_fits", "resolve_backend",
+           "varlen_plan"]
 
 
 def flash_available(device: torch.device | str) -> bool:
-    """flash-attn usable: the ``gpu`` extra is installed and ``device`` is a CUDA device."""
-    return torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    """flash-attn usable: the ``gpu`` extra is installed and ``device`` is a CUDA device of compute capability
+    >= 8.0 (flash-attn 2 runs on Ampere and newer only)."""
+    dev = torch.device(device)
+    return (dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            and torch.cuda.get_device_capability(dev)[0] >= 8)
+
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def flash_fits(q: Tensor, *kv: Tensor) -> bool:
+    """The call fits flash-attn 2's contract: q (and the given k, v) fp16 or bf16 of one dtype (no fp32 kernel)
+    and head dim <= 256."""
+    return q.dtype in FLASH_DTYPES and all(t.dtype == q.dtype for t in kv) and q.shape[-1] <= FLASH_MAX_HEAD_DIM
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """``auto`` -> ``flash`` where :func:`flash_available`, else ``sdpa``.
+    """The backend of config value ``pi0.attention`` on ``device``.
+
+    ``auto`` -> ``auto`` where :func:`flash_available` (then :func:`attend` picks flash-attn per call for the calls
+    that fit its contract, :func:`flash_fits`, and SDPA for the rest: fp32 q/k/v at ``engine.dtype: float32``),
+    else ``sdpa``. ``flash`` -> ``flash`` (every call must fit; :func:`attend` raises otherwise).
 
     Raises:
-        RuntimeError: ``flash`` requested without flash-attn or without a CUDA device.
+        RuntimeError: ``flash`` requested without flash-attn or without a CUDA device of compute capability >= 8.
     """
     if name == "auto":
-        return "flash" if flash_available(device) else "sdpa"
+        return "auto" if flash_available(device) else "sdpa"
     if name == "flash" and not flash_available(device):
-        raise RuntimeError("pi0.attention=flash needs a CUDA device and flash-attn (pip install -e .[gpu]); "
-                           "set pi0.attention: auto or sdpa")
+        raise RuntimeError("pi0.attention=flash needs a CUDA device of compute capability >= 8.0 (Ampere or newer) "
+                           "and flash-attn (pip install -e .[gpu]); set pi0.attention: auto or sdpa")
     if name not in ("sdpa", "flash"):
         raise ValueError(f"unknown attention backend {name!r}; use auto, sdpa or flash")
     return name
@@ -155,15 +173,25 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
     Args:
         q: ``[B, Hq, Sq, hd]``; k, v: ``[B, Hkv, Sk, hd]`` with ``Hq % Hkv == 0``; same dtype.
         q_block, k_block, key_valid: see :func:`block_mask`.
-        backend: ``sdpa`` or ``flash`` (see :func:`resolve_backend`).
+        backend: ``sdpa``, ``flash`` or ``auto`` = flash where :func:`flash_fits` else sdpa
+            (see :func:`resolve_backend`).
         varlen_fn: replaces flash-attn's ``flash_attn_varlen_func`` (tests pass a CPU reference).
         plan: ``flash`` only: :func:`varlen_plan` of this layout, computed once and reused (without it, each call
             computes it: a few host syncs per call).
 
     Returns:
         ``[B, Sq, Hq * hd]``, dtype of ``q``; softmax scale ``hd ** -0.5`` (Gemma).
+
+    Raises:
+        ValueError: backend ``flash`` with q/k/v outside flash-attn 2's contract (fp32, or head dim > 256).
     """
     B, Hq, Sq, hd = q.shape
+    if backend == "auto":
+        backend = "flash" if flash_fits(q, k, v) else "sdpa"
+    elif backend == "flash" and not flash_fits(q, k, v):
+        raise ValueError(f"pi0.attention=flash: flash-attn 2 takes fp16/bf16 q/k/v with head dim <= "
+                         f"{FLASH_MAX_HEAD_DIM}, got {q.dtype} with head dim {hd}; set engine.dtype: bfloat16 (and "
+                         "pi0.vlm_dtype: bfloat16), or pi0.attention: auto (SDPA for such calls) or sdpa")
     if backend == "sdpa":
         mask = block_mask(q_block, k_block, key_valid)[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
@@ -195,7 +223,19 @@ def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
     """flash-attn's ``flash_attn_varlen_func`` contract in plain PyTorch (one SDPA per sequence); CPU tests only.
 
     Shapes: ``q [total_q, Hq, hd]``, ``k, v [total_k, Hkv, hd]``; ``cu_q, cu_k [B + 1]`` int32 offsets.
+    Enforces what flash-attn 2 checks, so CPU tests fail where the GPU would: q/k/v fp16 or bf16 of one dtype,
+    head dim <= 256, int32 ``cu_seqlens``.
+
+    Raises:
+        RuntimeError: an input flash-attn 2 rejects.
     """
+    if q.dtype not in FLASH_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise RuntimeError(f"FlashAttention only supports fp16 and bf16 data type (q {q.dtype}, k {k.dtype}, "
+                           f"v {v.dtype})")
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
+        raise RuntimeError(f"FlashAttention forward only supports head dimension at most 256, got {q.shape[-1]}")
+    if cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
+        raise RuntimeError(f"cu_seqlens_q / cu_seqlens_k must have dtype int32, got {cu_q.dtype} / {cu_k.dtype}")
     assert not causal and dropout_p == 0.0
     outs = []
     for i in range(cu_q.numel() - 1):

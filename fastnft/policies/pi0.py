@@ -316,7 +316,7 @@ class Pi0Model(nn.Module):
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         blk = torch.zeros(emb.shape[1], dtype=torch.long, device=emb.device)
         backend = self._backend(emb.device)
-        plan = varlen_plan(blk, blk, valid) if backend == "flash" and len(layers) > 1 else None  # once per prefix
+        plan = varlen_plan(blk, blk, valid) if backend != "sdpa" and len(layers) > 1 else None  # once per prefix
         keys, values, h = [], [], emb
         for li, layer in enumerate(layers):
             q, k, v, _ = _qkv(layer, h, None, pos, theta)
@@ -373,7 +373,7 @@ class Pi0Model(nn.Module):
         k_block = torch.cat([torch.zeros(ctx.valid.shape[1], dtype=torch.long, device=emb.device), blocks])
         key_valid = torch.cat([ctx.valid, torch.ones(B, S, dtype=torch.bool, device=emb.device)], 1)
         backend = self._backend(emb.device)
-        plan = ctx.suffix_plan(blocks, k_block, key_valid) if backend == "flash" else None
+        plan = ctx.suffix_plan(blocks, k_block, key_valid) if backend != "sdpa" else None
         h = emb
         for li, layer in enumerate(self.expert.model.layers):
             q, k, v, gate = _qkv(layer, h, cond, pos, self.cfg.vlm.rope_theta)
@@ -399,7 +399,7 @@ class Pi0Model(nn.Module):
         key_valid = torch.cat([valid, torch.ones(B, S, dtype=torch.bool, device=pre.device)], 1)
         pos = (key_valid.long().cumsum(1) - 1).clamp(min=0)
         theta, backend = self.cfg.vlm.rope_theta, self._backend(pre.device)
-        plan = varlen_plan(blocks, blocks, key_valid) if backend == "flash" else None
+        plan = varlen_plan(blocks, blocks, key_valid) if backend != "sdpa" else None
         hp, hs = pre, suf
         for lp, le in zip(self.vlm.model.language_model.layers, self.expert.model.layers, strict=True):
             qp, kp, vp, _ = _qkv(lp, hp, None, pos[:, :P], theta)

@@ -15,9 +15,11 @@ here, each in the narrowest way:
   boolean mask has a data-dependent size; it selects every row (its device is still checked).
 * **Host syncs.** ``.item()``, ``float(t)``, ``bool(t)``, ``int(t)`` have no value to return; they answer ``True``
   for bool, ``1`` for integers (so size checks such as the trainer's buffer trim take their branch) and ``0.5``
-  for floats, and are counted in :attr:`FakeCuda.host_syncs`.
-* **CUDA queries.** ``torch.cuda.is_available()`` is True and ``device_count()`` is ``num_gpus`` for every caller
-  outside torch itself (FakeTensorMode must keep seeing that no real CUDA exists).
+  for floats, and are counted in :attr:`FakeCuda.host_syncs`. ``nonzero()`` of a 1-D mask (data-dependent size)
+  returns every index, like a boolean mask, and is counted too.
+* **CUDA queries.** ``torch.cuda.is_available()`` is True, ``device_count()`` is ``num_gpus`` and
+  ``get_device_capability()`` is ``capability`` for every caller outside torch itself (FakeTensorMode must keep
+  seeing that no real CUDA exists).
 
     with fake_cuda() as fc:
         trainer = StepNFTTrainer(cfg_with_device_cuda, policy, env)   # a stand-in engine: DeepSpeed needs a GPU
@@ -99,11 +101,23 @@ def _is_fake_cuda(x: Any) -> bool:
 
 
 def _getitem(x: torch.Tensor, idx: Any) -> torch.Tensor:
-    """``x[idx]`` through aten ops (basic indexing and one tensor index)."""
+    """``x[idx]`` through aten ops (basic indexing, and integer tensor indices next to each other)."""
     idx = idx if isinstance(idx, tuple) else (idx,)
     consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    if sum(isinstance(i, torch.Tensor) for i in idx) > 1:
-        raise NotImplementedError("fake_cuda indexing supports one tensor index")
+    pos = [k for k, i in enumerate(idx) if isinstance(i, torch.Tensor)]
+    if len(pos) > 1:  # x[rows, cols]: one aten.index over the adjacent integer tensors (their shapes broadcast)
+        if pos != list(range(pos[0], pos[0] + len(pos))) or any(idx[k].dtype == torch.bool for k in pos):
+            raise NotImplementedError("fake_cuda indexing supports several tensor indices only adjacent and integer")
+        if any(idx[k].device != x.device and idx[k].device.type != "cpu" for k in pos):
+            raise RuntimeError(f"indices on {[str(idx[k].device) for k in pos]} for a tensor on {x.device}")
+        if any(i is Ellipsis or i is None for i in idx[: pos[0]]):
+            raise NotImplementedError("fake_cuda indexing: ... or None before several tensor indices")
+        head = _getitem(x, idx[: pos[0]]) if pos[0] else x
+        dim = sum(not isinstance(i, int) for i in idx[: pos[0]])
+        out = _aten.index(head, [None] * dim + [idx[k] for k in pos])
+        if any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None))) for i in idx[pos[-1] + 1:]):
+            raise NotImplementedError("fake_cuda indexing: only ':' or ... after several tensor indices")
+        return out
     out, dim = x, 0
     for i in idx:
         if i is Ellipsis:
@@ -163,6 +177,11 @@ class _FunctionMode(TorchFunctionMode):
             value = _answer(t.dtype)
             return {torch.Tensor.__bool__: bool, torch.Tensor.__int__: int, torch.Tensor.__index__: int,
                     torch.Tensor.__float__: float}.get(func, lambda v: v)(value)
+        if func in (torch.Tensor.nonzero, torch.nonzero) and _is_fake_cuda(args[0]) and args[0].dim() == 1 \
+                and not kwargs.get("as_tuple", False):
+            self.record.host_syncs += 1  # its size is data-dependent: a host sync on a GPU
+            n = args[0].shape[0]  # as for a boolean mask, every element counts as nonzero
+            return _aten.unsqueeze(_aten.arange(n, dtype=torch.long, device=args[0].device), 1)
         if func is torch.Tensor.__getitem__ and _is_fake_cuda(args[0]):
             return _getitem(args[0], args[1])
         if func is torch.Tensor.__setitem__ and _is_fake_cuda(args[0]):
@@ -206,21 +225,42 @@ def _sync_mode(record: FakeCuda):
     return _Mode(allow_non_fake_inputs=True)
 
 
+def _move_by_overwrite(module: torch.nn.Module, device: torch.device | None,
+                       dtype: torch.dtype | None) -> torch.nn.Module:
+    """``module.to(device, dtype)`` by replacing each parameter and buffer (floating ones take ``dtype``).
+
+    A module's own ``_apply`` extension (state outside parameters and buffers) is not replayed: move such modules
+    first from real tensors (built before the block), which takes torch's own path.
+    """
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+    for m in module.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[k] = torch.nn.Parameter(moved(p), requires_grad=p.requires_grad)
+        for k, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[k] = moved(b)
+    return module
+
+
 @contextlib.contextmanager
-def fake_cuda(num_gpus: int = 1) -> Iterator[FakeCuda]:
-    """Run the block as on a host with ``num_gpus`` CUDA devices, with fake tensors (see the module docstring).
+def fake_cuda(num_gpus: int = 1, capability: tuple[int, int] = (9, 0)) -> Iterator[FakeCuda]:
+    """Run the block as on a host with ``num_gpus`` CUDA devices of compute capability ``capability``, with fake
+    tensors (see the module docstring).
 
     Tensors made inside are fake; real tensors passed in are converted on first use. Leaves every patch undone
     on exit.
     """
     record = FakeCuda()
-    saved = (torch.Generator, torch.cuda.is_available, torch.cuda.device_count)
+    saved = (torch.Generator, torch.cuda.is_available, torch.cuda.device_count, torch.cuda.get_device_capability)
 
     def answer(real, fake):
         # torch's own code (FakeTensorMode decides how to build fake CUDA tensors from this) sees the truth
-        def query():
+        def query(*args: Any, **kwargs: Any):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            return real() if caller == "torch" or caller.startswith("torch.") else fake
+            return real(*args, **kwargs) if caller == "torch" or caller.startswith("torch.") else fake
         return query
 
     real_to = torch.nn.Module.to
@@ -232,15 +272,27 @@ def fake_cuda(num_gpus: int = 1) -> Iterator[FakeCuda]:
         tensors = [*self.parameters(), *self.buffers()]
         if dtype is None and device is not None and all(t.device == device for t in tensors):
             return self
-        return real_to(self, *args, **kwargs)
+        try:
+            return real_to(self, *args, **kwargs)
+        except RuntimeError as e:
+            # Fake tensors made inside the block cannot be swapped in place (FakeTensorMode holds weak references
+            # to them): give the module new Parameter objects instead, as torch does with
+            # torch.__future__.set_overwrite_module_params_on_conversion(True).
+            if "swap" not in str(e):
+                raise
+            return _move_by_overwrite(self, device, dtype)
 
+    real_cpu = torch.nn.Module.cpu
     torch.nn.Module.to = module_to  # type: ignore[method-assign]
+    torch.nn.Module.cpu = lambda self: module_to(self, "cpu")  # type: ignore[method-assign]
     torch.Generator = _GeneratorFactory  # type: ignore[misc,assignment]
     torch.cuda.is_available = answer(saved[1], True)  # type: ignore[assignment]
     torch.cuda.device_count = answer(saved[2], num_gpus)  # type: ignore[assignment]
+    torch.cuda.get_device_capability = answer(saved[3], tuple(capability))  # type: ignore[assignment]
     try:
         with _sync_mode(record), _FunctionMode(record):
             yield record
     finally:
-        torch.Generator, torch.cuda.is_available, torch.cuda.device_count = saved  # type: ignore[misc]
-        torch.nn.Module.to = real_to  # type: ignore[method-assign]
+        (torch.Generator, torch.cuda.is_available, torch.cuda.device_count,  # type: ignore[misc]
+         torch.cuda.get_device_capability) = saved
+        torch.nn.Module.to, torch.nn.Module.cpu = real_to, real_cpu  # type: ignore[method-assign]
