@@ -13,6 +13,7 @@ The same description drives both backends:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +26,17 @@ __all__ = ["VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available"
            "varlen_plan"]
 
 
+@functools.cache
+def _flash_installed() -> bool:
+    # pi0 resolves its backend on every encode and velocity call; a missing package would search sys.path each time
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_available(device: torch.device | str) -> bool:
     """flash-attn usable: the ``gpu`` extra is installed and ``device`` is a CUDA device of compute capability
     >= 8.0 (flash-attn 2 runs on Ampere and newer only)."""
     dev = torch.device(device)
-    return (dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-            and torch.cuda.get_device_capability(dev)[0] >= 8)
+    return dev.type == "cuda" and _flash_installed() and torch.cuda.get_device_capability(dev)[0] >= 8
 
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)

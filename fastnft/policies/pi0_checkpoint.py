@@ -39,7 +39,7 @@ from fastnft.policies import pi0_hf_config as hf
 from fastnft.policies import pi0_keymap as km
 from fastnft.policies.lerobot_files import lerobot_config
 from fastnft.policies.pi0_config import Pi0Config
-from fastnft.policies.pi0_stats import StatisticsError, resolve_processor, write_processor_files
+from fastnft.policies.pi0_stats import StatisticsError, read_json, resolve_processor, write_processor_files
 
 __all__ = ["Checkpoint", "CheckpointError", "check_keys", "load_into", "read_checkpoint", "write_checkpoint"]
 
@@ -192,16 +192,8 @@ def read_checkpoint(path: str | Path, **overrides: Any) -> Checkpoint:
         if not (d / f).is_file():
             raise CheckpointError(f"checkpoint directory {str(d)!r} has no {f}; expected the openpi PyTorch / "
                                   f"lerobot layout ({WEIGHTS}, {CONFIG}, {TOKENIZER})")
-    try:
-        conf = json.loads((d / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / CONFIG} is not valid JSON ({e})") from e
-    full = None
-    if (d / FULL_CONFIG).is_file():
-        try:
-            full = json.loads((d / FULL_CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{d / FULL_CONFIG} is not valid JSON ({e})") from e
+    conf = read_json(d / CONFIG, CheckpointError)
+    full = read_json(d / FULL_CONFIG, CheckpointError) if (d / FULL_CONFIG).is_file() else None
     try:
         raw = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, RuntimeError) as e:

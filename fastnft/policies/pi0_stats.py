@@ -41,7 +41,7 @@ from fastnft.policies.lerobot_files import (
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.processor import STATE_KEY, NormStats
 
-__all__ = ["LEGACY_STATS", "NORM_STATS", "OPENPI_EPS", "PROC_CONFIG", "StatisticsError", "read_openpi_norm_stats",
+__all__ = ["LEGACY_STATS", "NORM_STATS", "OPENPI_EPS", "PROC_CONFIG", "StatisticsError", "read_json", "read_openpi_norm_stats",
            "resolve_processor", "write_openpi_norm_stats", "write_processor_files"]
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,14 @@ def _fit_width(st: NormStats, dim: int, name: str, found: FoundStats, need: tupl
     return NormStats(**out)
 
 
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """The JSON in ``path``; a malformed file raises ``error`` naming it (checkpoint files are user input)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e})") from e
+
+
 def resolve_processor(path: str | Path, conf: dict[str, Any], cfg: Pi0Config) -> dict[str, Any] | None:
     """The processor of checkpoint directory ``path`` (the blob :meth:`Pi0Processor.from_export` reads).
 
@@ -175,12 +183,7 @@ def resolve_processor(path: str | Path, conf: dict[str, Any], cfg: Pi0Config) ->
             ``normalization: identity`` switch), ambiguous openpi asset ids, missing statistics or widths.
     """
     d = Path(path)
-    pc = None
-    if (d / PROC_CONFIG).is_file():
-        try:
-            pc = json.loads((d / PROC_CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise StatisticsError(f"{d / PROC_CONFIG} is not valid JSON ({e})") from e
+    pc = read_json(d / PROC_CONFIG, StatisticsError) if (d / PROC_CONFIG).is_file() else None
     if pc is not None:
         tok_file, tok_kind = pc.get("tokenizer_file"), pc.get("tokenizer")
     else:
