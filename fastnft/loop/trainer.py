@@ -9,6 +9,7 @@ the engine, so the actor and the EMA copy stay identical across ranks.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from fastnft.profiling import PhaseTimers, ProfileWindow
 from fastnft.sde import flow_sde_schedule
 
 __all__ = ["StepNFTTrainer"]
+
+log = logging.getLogger(__name__)
 
 
 def _eval_metrics(ev: dict) -> dict[str, float]:
@@ -157,6 +160,10 @@ class StepNFTTrainer:
                                label_control=cfg.train.label_control, algo=cfg.algo, adv_eps=cfg.grpo.adv_eps)
         t_roll = time.perf_counter() - t0
         assert buf is not None
+        if st.episodes_rerun:
+            log.warning("iteration %d: %d episode(s) lost to a simulator worker that died were rerun from their "
+                        "seeds (%s)", it, st.episodes_rerun, "; ".join(v.splitlines()[0] for v in
+                                                                    self.env.failures.values()))
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
         m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
@@ -181,14 +188,17 @@ class StepNFTTrainer:
         with timers.range("actor/ema"):
             self.ema.update(self.engine.module, decay)
         counts = fdist.all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
-                                                 int((buf.y > 0).sum())], dtype=torch.float64),
+                                                 int((buf.y > 0).sum()), st.sim_steps, st.episodes_rerun],
+                                                dtype=torch.float64),
                                    tdist.ReduceOp.SUM if tdist.is_available() else None)
-        succ, eps, env_steps, rows, pos = counts.tolist()
+        succ, eps, env_steps, rows, pos, sim_steps, rerun = counts.tolist()
         tm = timers.summary()
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
                "labels/positive_share": pos / max(rows, 1), "labels/zero_share": float((buf.y == 0).float().mean()),
                "ema/decay": decay,
-               "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/iteration_s": time.perf_counter() - t0,
+               "rollout/episodes_rerun": rerun,  # episodes lost to a simulator worker that died, rerun
+               "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/env_steps": env_steps,
+               "perf/sim_steps": sim_steps, "perf/rollout_s": t_roll, "perf/iteration_s": time.perf_counter() - t0,
                **fresh, **replay, **upd, **tm}
         pol_t = tm.get("time/rollout/sample", 0.0)
         out["perf/policy_share_of_rollout"] = pol_t / max(t_roll, 1e-9)

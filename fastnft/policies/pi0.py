@@ -39,7 +39,7 @@ from fastnft.policies.pi0_checkpoint import load_into, read_checkpoint, write_ch
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.processor import Pi0Processor
 from fastnft.policies.state_flow import sinusoidal_time_embedding
-from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
+from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions, split_noise
 
 __all__ = ["FP32_UNDER_BF16", "SUPPORTED_TRANSFORMERS", "Pi0Model", "Pi0Policy", "PrefixContext",
            "check_transformers_version", "paligemma_hf_config"]
@@ -501,7 +501,8 @@ class Pi0Policy(nn.Module):
     @torch.no_grad()
     def sample(self, obs: dict[str, Any] | PrefixContext, schedule: FlowSDESchedule, *, stochastic: bool,
                generator: torch.Generator | None = None, step_index: Tensor | None = None,
-               step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
+               step_fn: StepFn | None = None, keep_trajectory: bool = False,
+               noise: Tensor | None = None) -> SampleRecord:
         """Sample an action chunk per observation with the K-step sampler of :mod:`fastnft.sde` (SPEC S1-S3).
 
         The prefix is encoded once; the K velocity calls reuse this call's :class:`PrefixContext`. ``obs`` may be
@@ -510,10 +511,10 @@ class Pi0Policy(nn.Module):
         """
         ctx = obs if isinstance(obs, PrefixContext) else self.encode(obs)
         dev = self.model.action_in_proj.weight.device
-        noise = torch.randn((ctx.batch_size, self.H, self.D), generator=generator, device=dev)
-        return sample_actions(lambda x, t: self.velocity(x, t, ctx), noise, schedule, stochastic=stochastic,
+        x0, step_noise = split_noise(noise, ctx.batch_size, (self.H, self.D), generator, dev)
+        return sample_actions(lambda x, t: self.velocity(x, t, ctx), x0, schedule, stochastic=stochastic,
                               step_index=step_index, generator=generator, step_fn=step_fn,
-                              keep_trajectory=keep_trajectory)
+                              keep_trajectory=keep_trajectory, step_noise=step_noise)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, path: str | Path, layout: str = "lerobot") -> Path:
