@@ -89,8 +89,8 @@ class ChunkResult:
         done: ``[N]`` bool, episode over (latched).
         success_once: ``[N]`` bool, success at any step of the episode so far (latched).
         lost: ``[N]`` bool, the env's episode was lost to a simulator worker that died (the worker was replaced;
-            the episode must be started again, :attr:`VectorEnv.failures` says why). Always False for in-process
-            simulators.
+            the episode must be started again, :attr:`VectorEnv.failures` says why). None for in-process
+            simulators, which cannot lose one.
     """
 
     obs: EnvObs
@@ -289,7 +289,7 @@ class VectorEnv(ABC):
                 reward, active = self._loop_step(act[:, c])
                 total += reward
                 steps += active.long()
-            lost = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+            lost = None  # an in-process simulator cannot lose an episode
         else:
             obs, total, steps, success, lost = out
             obs = _obs_to_device(obs, self.device)

@@ -334,6 +334,8 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
     ep_success = [False] * E
     ep_steps = [0] * E
     ep_ret = [0.0] * E
+    ep_calls = [0] * E
+    max_calls = -(-env.max_episode_steps // C)
     reruns = 0
     calls = 0
     rnd: dict[str, list] = {k: [] for k in (*_ROW_KEYS, "live", "attempt", "obs_row", "call_obs")}
@@ -343,7 +345,7 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
             j = queue.popleft()
             slot_ep[s] = j
             gens[s] = torch.Generator().manual_seed(_mix(key, j))
-            ep_steps[j], ep_ret[j] = 0, 0.0
+            ep_steps[j], ep_ret[j], ep_calls[j] = 0, 0.0, 0
         with timers.range("env/reset"):
             if env.resets_slots:
                 return env.reset_slots(slots, [seeds[slot_ep[s]] for s in slots])
@@ -391,10 +393,11 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
         with timers.range("env/step"):
             res = env.step_chunk(actions)
         # One host read per policy call (C env steps): which episodes ended (and how).
-        lost = res.lost if res.lost is not None else torch.zeros_like(res.done)
-        r_steps, r_ret, r_done, r_succ, r_lost = torch.stack(
-            [res.steps.double(), res.reward.double(), res.done.double(), res.success_once.double(),
-             lost.double()]).tolist()
+        read = [res.steps.double(), res.reward.double(), res.done.double(), res.success_once.double()]
+        if res.lost is not None:  # only worker pools can lose an episode
+            read.append(res.lost.double())
+        r_steps, r_ret, r_done, r_succ, *r_lost = torch.stack(read).tolist()
+        r_lost = r_lost[0] if r_lost else [False] * N
         obs = res.obs
         free = []
         for s in range(N):
@@ -413,7 +416,10 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
             else:
                 ep_steps[j] += int(r_steps[s])
                 ep_ret[j] += float(r_ret[s])
-                if not r_done[s]:
+                ep_calls[j] += 1
+                # An episode is over after max_calls chunks whatever the env says (the bound keeps the loop finite
+                # for envs that cannot tell, e.g. fake CUDA tensors without values).
+                if not r_done[s] and ep_calls[j] < max_calls:
                     continue
                 ep_success[j] = bool(r_succ[s])
             slot_ep[s], gens[s] = -1, None

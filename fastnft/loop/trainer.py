@@ -37,6 +37,11 @@ __all__ = ["StepNFTTrainer"]
 
 log = logging.getLogger(__name__)
 
+PHASES = ("rollout_env", "rollout_policy", "rollout_other", "update", "diagnostics", "evaluation", "env_steps")
+"""Keys of :attr:`StepNFTTrainer.phase_s`: wall seconds of env stepping and resets, policy calls in rollouts, the
+rest of the rollout (recording, labels), actor update + EMA, gradient-signal diagnostics, held-out evaluation; and
+the env steps the training episodes used (a count, for the rollout's env-steps/s)."""
+
 
 def _eval_metrics(ev: dict) -> dict[str, float]:
     """The scalar entries of an evaluation (the per-episode outcome list stays in the history only)."""
@@ -92,6 +97,9 @@ class StepNFTTrainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, float]] = []
+        # Wall seconds per phase over the whole run (kept in checkpoints, so a resumed run adds on): where the hour
+        # went, for report.json. Keys: PHASES.
+        self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.start_iter = 0
         last_train_seed = cfg.env.train_seed + cfg.train.iterations * self.world * cfg.train.episodes_per_iter
         if last_train_seed > cfg.env.eval_seed:
@@ -117,6 +125,7 @@ class StepNFTTrainer:
                                   "or start a fresh run_dir")
         self.gen.set_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
         self.history = list(state.get("history", []))
+        self.phase_s.update(state.get("phase_s", {}))
         self.start_iter = it
         self.metrics.truncate_after(it)
 
@@ -125,7 +134,8 @@ class StepNFTTrainer:
         rng = fdist.all_gather_object(self.gen.get_state())
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
                                            "rng_device": self.device.type,
-                                           "history": self.history, "config": config_to_dict(self.cfg)},
+                                           "history": self.history, "phase_s": self.phase_s,
+                                           "config": config_to_dict(self.cfg)},
                         fingerprint=self.fingerprint)
 
     # -- seeds ----------------------------------------------------------------------------------------------------
@@ -145,6 +155,13 @@ class StepNFTTrainer:
 
         The sampler noise is the same for every run and seed (``seed=0``), so runs from one start evaluate their
         start identically and their final policies can be compared episode by episode."""
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate()
+        finally:
+            self.phase_s["evaluation"] += time.perf_counter() - t0
+
+    def _evaluate(self) -> dict[str, float]:
         return evaluate_policy(self.ema.module, self.env, self.eval_seeds(), self.cfg.policy.num_steps,
                                device=self.device, seed=0)  # same noise for every run: paired comparisons
 
@@ -192,7 +209,9 @@ class StepNFTTrainer:
                                                 dtype=torch.float64),
                                    tdist.ReduceOp.SUM if tdist.is_available() else None)
         succ, eps, env_steps, rows, pos, sim_steps, rerun = counts.tolist()
+        self._last_env_steps = env_steps
         tm = timers.summary()
+        self._add_phases(tm, t_roll)
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
                "labels/positive_share": pos / max(rows, 1), "labels/zero_share": float((buf.y == 0).float().mean()),
                "ema/decay": decay,
@@ -203,6 +222,17 @@ class StepNFTTrainer:
         pol_t = tm.get("time/rollout/sample", 0.0)
         out["perf/policy_share_of_rollout"] = pol_t / max(t_roll, 1e-9)
         return out
+
+    def _add_phases(self, tm: dict[str, float], t_roll: float) -> None:
+        """Add one iteration's phase times (``time/<range>`` seconds from :class:`PhaseTimers`) to :attr:`phase_s`."""
+        env = tm.get("time/env/step", 0.0) + tm.get("time/env/reset", 0.0)
+        pol = tm.get("time/rollout/sample", 0.0)
+        self.phase_s["rollout_env"] += env
+        self.phase_s["rollout_policy"] += pol
+        self.phase_s["rollout_other"] += max(t_roll - env - pol, 0.0)
+        self.phase_s["update"] += tm.get("time/actor/update", 0.0) + tm.get("time/actor/ema", 0.0)
+        self.phase_s["diagnostics"] += tm.get("time/actor/diagnostics", 0.0)
+        self.phase_s["env_steps"] += self._last_env_steps
 
     # -- loop ------------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
