@@ -9,9 +9,10 @@ One invocation, on one machine:
 (a) **raw**: one ManiSkill PickCube-v1 env built as the embedded default builds it (``configs/pickcube_stepnft.yaml``:
     state observations, ``pd_ee_delta_pos``, 100-step episodes, ``physx_cpu``, no renderer, one torch thread),
     stepped with pre-drawn uniform numpy actions in a tight loop in one process (no policy, no IPC), reset with
-    seeds 0, 1, 2, ... at every episode end. Repeated ``--repeats`` times; reports steps/s per repeat and PhysX's
-    share: the time inside ``ManiSkillScene.step`` (``px.step()``, several physics substeps per env step) over the
-    loop's wall time.
+    seeds 0, 1, 2, ... at every episode end. ``--repeats`` loops of ``--seconds`` before the rollouts and as many
+    after them (the load of a shared machine moves); r uses the median of all, ``r_range`` their min and max.
+    PhysX's share is the time inside ``ManiSkillScene.step`` (``px.step()``, 5 physics substeps per env step) over
+    the loop's wall time.
 (b) **fastnft**: ``fastnft.loop.rollout.run_episodes`` as the trainer calls it (stochastic, recording, the default
     NFT config, ``StepNFTTrainer.train_seeds`` with groups of 8), for the tree at ``--before`` (a temporary git
     worktree, removed at the end) and for the tree this script lives in ("after"). Each setting runs in its own
@@ -89,7 +90,7 @@ def _child_raw(spec: dict) -> dict:
     torch.set_num_threads(1)
     import gymnasium as gym
     import mani_skill
-    import mani_skill.envs  # noqa: F401  (registers the env ids)
+    import mani_skill.envs
     from mani_skill.envs.scene import ManiSkillScene
 
     from fastnft.config import load_config
@@ -210,7 +211,8 @@ def _child_rollout(spec: dict) -> dict:
             return [base + j // G for j in range(n)]
 
         step_calls = [0]
-        count_calls = not has_sim and hasattr(env, "_step")
+        # (a pool's _step may skip ended envs: N x calls holds only for the old one-process-per-env API)
+        count_calls = not new_api and not has_sim and hasattr(env, "_step")
         if count_calls:  # old CPU env: every VectorEnv.step steps all N envs, ended episodes included
             real = env._step
 
@@ -248,6 +250,8 @@ def _child_rollout(spec: dict) -> dict:
                 phase[k] = phase.get(k, 0.0) + float(v)
         if count_calls:
             tot["sim_steps"] = step_calls[0] * env.num_envs
+        elif not has_sim:
+            tot["sim_steps"] = None
         workers = getattr(env, "num_workers", None) if new_api else env.num_envs
         if workers is None:  # new API without the attribute: its documented default
             workers = cfg.env.num_workers or min(cfg.env.num_envs, len(os.sched_getaffinity(0)))
@@ -259,7 +263,8 @@ def _child_rollout(spec: dict) -> dict:
                                     "num_envs x VectorEnv._step calls" if count_calls else "unavailable"),
                "env_build_seconds": t_build, "warmup_seconds": t_warm, "seconds": secs, **tot,
                "success_rate": tot["successes"] / max(tot["episodes"], 1),
-               "env_steps_per_s": tot["env_steps"] / secs, "sim_steps_per_s": tot["sim_steps"] / secs,
+               "env_steps_per_s": tot["env_steps"] / secs,
+               "sim_steps_per_s": None if tot["sim_steps"] is None else tot["sim_steps"] / secs,
                "episodes_per_min": 60.0 * tot["episodes"] / secs, "phase_seconds": phase}
         sample = phase.get("time/rollout/sample")
         out["policy_share"] = sample / secs if sample is not None else None
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=str(REPO / "bench" / "rollout_ceiling.json"), help="output JSON path")
-    ap.add_argument("--seconds", type=float, default=15.0,
+    ap.add_argument("--seconds", type=float, default=10.0,
                     help="seconds per measurement: each raw repeat, and the least timed rollout time per setting")
     ap.add_argument("--repeats", type=int, default=3, help="raw-loop repeats (their spread is reported)")
     ap.add_argument("--episodes", type=int, default=64, help="episodes per run_episodes call (a multiple of 8)")
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     t_start = time.perf_counter()
     report: dict = {
-        "benchmark": "rollout_ceiling", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "benchmark": "rollout_ceiling", "command": " ".join(["python", "bench/rollout_ceiling.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": cores, "cpu_model": _cpu_model(), "hostname": platform.node(),
                     "python": platform.python_version(), "load_average_before": os.getloadavg()},
@@ -365,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         "r_definition": "used env-steps/s / (min(cores, workers) x raw steps/s)"}
     after_rev = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    print(f"raw: one PickCube-v1 env, {args.repeats} x {args.seconds:g} s ...", flush=True)
-    raw = _run_child("raw", {"tree": str(REPO), "seconds": args.seconds, "repeats": args.repeats}, REPO, args.timeout)
-    report["raw"] = raw
-    report["machine"].update(torch=raw["torch"], mani_skill=raw["mani_skill"])
-    raw_rate = raw["steps_per_s_median"]
-    print(f"  {raw_rate:.0f} steps/s (min {raw['steps_per_s_min']:.0f}, max {raw['steps_per_s_max']:.0f}), "
-          f"PhysX scene.step {100 * raw['physx_share_median']:.0f} %", flush=True)
+
+    def raw_run(when: str) -> dict:
+        print(f"raw ({when}): one PickCube-v1 env, {args.repeats} x {args.seconds:g} s ...", flush=True)
+        res = _run_child("raw", {"tree": str(REPO), "seconds": args.seconds, "repeats": args.repeats}, REPO,
+                         args.timeout)
+        print(f"  {res['steps_per_s_median']:.0f} steps/s (min {res['steps_per_s_min']:.0f}, max "
+              f"{res['steps_per_s_max']:.0f}), PhysX scene.step {100 * res['physx_share_median']:.0f} %", flush=True)
+        return res
 
     def measure(name: str, tree: Path, rev: str, dirty_tree: bool) -> dict:
         probe = _run_child("probe", {"tree": str(tree)}, tree, args.timeout)
@@ -382,40 +388,61 @@ def main(argv: list[str] | None = None) -> int:
                     "episodes": args.episodes, "seconds": args.seconds, "policy": policy}
             res = _run_child("rollout", spec, tree, args.timeout)
             res["label"] = s["label"]
-            res["r"] = res["env_steps_per_s"] / (min(cores, res["workers"]) * raw_rate)
-            res["r_sim"] = res["sim_steps_per_s"] / (min(cores, res["workers"]) * raw_rate)
             section["runs"].append(res)
-            print(f"  {res['env_steps_per_s']:.0f} used env-steps/s, {res['sim_steps_per_s']:.0f} simulated/s, "
-                  f"r = {res['r']:.3f}", flush=True)
+            sim = "?" if res["sim_steps_per_s"] is None else f"{res['sim_steps_per_s']:.0f}"
+            print(f"  {res['env_steps_per_s']:.0f} used env-steps/s, {sim} simulated/s ({res['workers']} workers)",
+                  flush=True)
         return section
 
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # The raw loop brackets the rollouts (start and end): on a shared machine the load moves during a run.
+        raw_start = raw_run("start")
+        report["machine"].update(torch=raw_start["torch"], mani_skill=raw_start["mani_skill"])
         if not args.no_before:
             with _worktree(args.before) as tree:
                 report["before"] = measure("before", tree, _git("rev-parse", "HEAD", cwd=tree), False)
         report["after"] = measure("after", REPO, after_rev, dirty)
+        raw_end = raw_run("end")
+        rates = [x["steps_per_s"] for x in raw_start["repeats"] + raw_end["repeats"]]
+        raw_rate = statistics.median(rates)
+        report["raw"] = {"steps_per_s_median": raw_rate, "steps_per_s_min": min(rates), "steps_per_s_max": max(rates),
+                         "spread": (max(rates) - min(rates)) / raw_rate,
+                         "physx_share_median": statistics.median(
+                             x["physx_share"] for x in raw_start["repeats"] + raw_end["repeats"]),
+                         "start": raw_start, "end": raw_end}
+        for name in ("before", "after"):
+            for x in report.get(name, {}).get("runs", []):
+                w = min(cores, x["workers"])
+                x["r"] = x["env_steps_per_s"] / (w * raw_rate)
+                x["r_range"] = [x["env_steps_per_s"] / (w * max(rates)), x["env_steps_per_s"] / (w * min(rates))]
+                x["r_sim"] = None if x["sim_steps_per_s"] is None else x["sim_steps_per_s"] / (w * raw_rate)
     finally:
         report["machine"]["load_average_after"] = os.getloadavg()
         report["total_seconds"] = time.perf_counter() - t_start
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
-    _print_table(report, cores, raw_rate)
+    _print_table(report, cores)
     print(f"wrote {args.json}")
     return 0
 
 
-def _print_table(report: dict, cores: int, raw_rate: float) -> None:
-    print(f"\ncores {cores}, raw {raw_rate:.0f} steps/s; load average before {report['machine']['load_average_before']}, "
-          f"after {report['machine']['load_average_after']}")
-    hdr = ("tree", "setting", "envs", "workers", "episodes", "used/s", "sim/s", "policy %", "ep/min", "r")
+def _print_table(report: dict, cores: int) -> None:
+    raw, m = report["raw"], report["machine"]
+    print(f"\ncores {cores}, raw {raw['steps_per_s_median']:.0f} steps/s (min {raw['steps_per_s_min']:.0f}, max "
+          f"{raw['steps_per_s_max']:.0f}; start and end), PhysX scene.step {100 * raw['physx_share_median']:.0f} % of "
+          f"it; load average before {[round(v, 2) for v in m['load_average_before']]}, after "
+          f"{[round(v, 2) for v in m['load_average_after']]}")
+    hdr = ("tree", "setting", "envs", "workers", "episodes", "used/s", "sim/s", "policy %", "ep/min", "r",
+           "r range")
     print("| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
     for name in ("before", "after"):
         for x in report.get(name, {}).get("runs", []):
             pol = "-" if x["policy_share"] is None else f"{100 * x['policy_share']:.0f}"
+            sim = "?" if x["sim_steps_per_s"] is None else f"{x['sim_steps_per_s']:.0f}"
             print(f"| {name} {report[name]['rev'][:7]} | {x['label']} | {x['num_envs']} | {x['workers']} | "
-                  f"{x['episodes']} | {x['env_steps_per_s']:.0f} | {x['sim_steps_per_s']:.0f} | {pol} | "
-                  f"{x['episodes_per_min']:.0f} | {x['r']:.3f} |")
+                  f"{x['episodes']} | {x['env_steps_per_s']:.0f} | {sim} | {pol} | "
+                  f"{x['episodes_per_min']:.0f} | {x['r']:.3f} | {x['r_range'][0]:.2f}-{x['r_range'][1]:.2f} |")
 
 
 if __name__ == "__main__":
