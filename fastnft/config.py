@@ -413,15 +413,15 @@ class TrainConfig:
     the same buffer with shuffled labels (four extra backward passes on at most 4096 rows), on the iterations
     that ``diagnostics_every`` picks. They draw from their own generator (seeded by ``seed``, rank and iteration),
     so switching them on, off or to another schedule leaves the training itself unchanged."""
-    diagnostics_every: int = 50
+    diagnostics_every: int = 60
     """Run the gradient-signal diagnostics (``diagnostics``) on the first and the last iteration and on every
     iteration whose 1-based number is a multiple of this; 1 = every iteration (as before issue 21), 0 = first and
-    last only. They cost up to 3.7 s a call on the embedded default's buffer (issue 21; on the bandit with the same
-    policy and buffer size: ``bench/diagnostics_cost.json``); the default makes 4 calls in its 120 iterations, about
-    0.12 s an iteration, 1.2 % of a 10 s iteration. Skipped iterations log no ``signal/*`` keys and no
-    ``time/actor/diagnostics``. ``perf/diagnostics_share`` is the share of each iteration's wall time spent in
-    diagnostics: the gradient signal plus the fresh/replayed loss statistics (``time/actor/loss_diagnostics``,
-    every iteration, on 256 buffer rows)."""
+    last only. A call costs up to 3.7 s on the embedded default's buffer (issue 21; 3.4 s of CPU on the bandit with
+    the same policy and buffer size, ``bench/diagnostics_cost.json``); the default makes 3 calls in the main job's
+    120 iterations, under 0.1 s an iteration, under 1 % of a 10 s iteration. Skipped iterations log no ``signal/*``
+    keys and no ``time/actor/diagnostics``. ``perf/diagnostics_share`` is the share of each iteration's wall time
+    spent in diagnostics: the gradient signal plus the fresh/replayed loss statistics
+    (``time/actor/loss_diagnostics``, every iteration, on 256 buffer rows)."""
 
     def diagnostics_at(self, it: int) -> bool:
         """Whether iteration ``it`` (0-based) runs the gradient-signal diagnostics (``diagnostics`` and
