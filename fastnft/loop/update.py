@@ -81,8 +81,9 @@ def loss_diagnostics(module: torch.nn.Module, buf: RolloutBuffer, sch: FlowSDESc
 
     The trainer calls it twice every iteration (``fresh/`` before the update, ``replayed/`` after), so it reads at
     most ``max_rows`` rows, evenly spaced over the buffer (no random draw: the training's generators are not
-    touched). 256 rows keep both calls near 0.5 % of a 10 s main-job iteration; 4096 rows cost about 1 s
-    (``bench/diagnostics_cost.json``).
+    touched). With the main job's policy and a 4096-row buffer both calls took 0.08 s of an iteration at 256 rows
+    (``bench/diagnostics_cost.json``) and 1.6 s of wall (0.84 s of CPU) when they read 4096 rows
+    (``bench/diagnostics_cost_4096rows.json``), on a shared 2-core machine.
 
     ``sep_over_std`` = mean over tokens of ``beta |B_i| ||dv_c|| / std_i``: how far the mirrored branch means sit
     from the rollout mean in units of the step's noise; large values saturate the logistic.
