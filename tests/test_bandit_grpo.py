@@ -11,20 +11,22 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import BANDIT_THREADS, torch_threads
 
 from fastnft.config import load_config
 from fastnft.envs import make_env
-from fastnft.envs.bandit import bandit_demo_dataset
-from fastnft.experiments.sft import build_policy, train_sft
 from fastnft.loop.trainer import StepNFTTrainer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.set_num_threads(2)
+def setup(tmp_path_factory, bandit_sft):
+    with torch_threads(BANDIT_THREADS):  # one torch thread while this module trains (tests/conftest.py)
+        yield _setup(tmp_path_factory, bandit_sft)
+
+
+def _setup(tmp_path_factory, bandit_sft):
     cfg = load_config("configs/bandit_stepnft.yaml", [
         "algo=grpo", "train.group_size=8", "sft.steps=400", "sft.num_demos=1024", "train.iterations=10",
         "train.episodes_per_iter=256", "env.num_envs=256", "train.eval_every=0", "train.eval_episodes=512",
@@ -32,11 +34,9 @@ def setup(tmp_path_factory):
         # StepNFT's bandit lr of 1e-3 is unstable for GRPO (the log-ratio scales with 1/std^2 and sums over C x D;
         # one of 2 seeds fell from 0.53 to 0.45 with half the replayed rows clipped); 3e-4 rose smoothly
         "train.lr=3e-4"])
-    data = bandit_demo_dataset(cfg.sft.num_demos, cfg.policy.horizon, seed=0)
-    policy = build_policy(data, cfg.policy)
-    train_sft(policy, data, cfg.sft, progress=False)
+    blob = bandit_sft(cfg)  # the SFT start, shared with the other bandit module (tests/conftest.py)
     env = make_env(cfg.env)
-    return cfg, policy.export(), env, tmp_path_factory.mktemp("bandit_grpo")
+    return cfg, blob, env, tmp_path_factory.mktemp("bandit_grpo")
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -9,28 +9,29 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import BANDIT_THREADS, torch_threads
 
 import fastnft.loop.trainer as trainer_mod
 from fastnft.config import load_config
 from fastnft.envs import make_env
-from fastnft.envs.bandit import bandit_demo_dataset
-from fastnft.experiments.sft import build_policy, train_sft
 from fastnft.loop.trainer import StepNFTTrainer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.set_num_threads(2)
+def setup(tmp_path_factory, bandit_sft):
+    with torch_threads(BANDIT_THREADS):  # one torch thread while this module trains (tests/conftest.py)
+        yield _setup(tmp_path_factory, bandit_sft)
+
+
+def _setup(tmp_path_factory, bandit_sft):
     cfg = load_config("configs/bandit_stepnft.yaml", [
         "sft.steps=400", "sft.num_demos=1024", "train.iterations=12", "train.episodes_per_iter=384",
         "train.eval_every=0", "train.eval_episodes=768", "env.num_envs=384", "train.checkpoint_every=100"])
-    data = bandit_demo_dataset(cfg.sft.num_demos, cfg.policy.horizon, seed=0)
-    policy = build_policy(data, cfg.policy)
-    train_sft(policy, data, cfg.sft, progress=False)
+    blob = bandit_sft(cfg)  # the SFT start, shared with the other bandit module (tests/conftest.py)
     env = make_env(cfg.env)
-    return cfg, policy.export(), env, tmp_path_factory.mktemp("bandit")
+    return cfg, blob, env, tmp_path_factory.mktemp("bandit")
 
 
 def _run(setup, seed, shuffle, monkeypatch):

@@ -47,7 +47,7 @@ def _launch(out: Path, nproc: int, *args: str) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
     proc = subprocess.run([*cmd, "--out", str(out), *args], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)  # a hang guard only
     assert proc.returncode == 0, f"worker failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -122,7 +122,7 @@ def test_shutdown_destroys_the_group_and_allows_a_new_one() -> None:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, "-c", _SHUTDOWN_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=600, check=False)  # hang guard only
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1].split()  # DeepSpeed prints its own lines before
     assert last[0] == "ok" and len(last) == 3, proc.stdout[-2000:]

@@ -185,12 +185,14 @@ class StepNFTTrainer:
         m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
             buf = buf.index(torch.randperm(len(buf), generator=self.gen, device=self.device)[: int(m)])
-        fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="fresh/",
-                                 grpo=self.grpo)
-        if cfg.train.diagnostics and self.engine.zero_stage < 3:
-            with timers.range("actor/diagnostics"):
+        with timers.range("actor/loss_diagnostics"):
+            fresh = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="fresh/",
+                                     grpo=self.grpo)
+        if cfg.train.diagnostics_at(it) and self.engine.zero_stage < 3:  # every diagnostics_every iterations
+            with timers.range("actor/diagnostics"):  # own generator: the schedule does not change the training
+                gen = make_generator(self.device, (cfg.train.seed * 1000 + self.rank) * 100_003 + it + 1)
                 fresh.update(gradient_signal(self.engine.module, buf, self.rollout_sch, cfg.nft, C,
-                                             self.loss_fn, self.gen, grpo=self.grpo))
+                                             self.loss_fn, gen, grpo=self.grpo))
         lr = cfg.train.lr * (min(1.0, (it + 1) / cfg.train.lr_warmup) if cfg.train.lr_warmup else 1.0)
         self.engine.set_lr(lr)
         fresh["update/lr"] = lr
@@ -198,8 +200,9 @@ class StepNFTTrainer:
             upd = update_actor(self.engine, buf, self.rollout_sch, cfg.nft, C,
                                update_epochs=cfg.train.update_epochs, micro_batch=cfg.train.micro_batch,
                                loss_fn=self.loss_fn, generator=self.gen, grpo=self.grpo)
-        replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="replayed/",
-                                  grpo=self.grpo)
+        with timers.range("actor/loss_diagnostics"):
+            replay = loss_diagnostics(self.engine.module, buf, self.rollout_sch, cfg.nft, C, prefix="replayed/",
+                                      grpo=self.grpo)
         T = cfg.train.ema_horizon or cfg.train.iterations
         decay = ema_decay(it, T, cfg.train.ema_start, cfg.train.ema_end)
         with timers.range("actor/ema"):
@@ -221,6 +224,8 @@ class StepNFTTrainer:
                **fresh, **replay, **upd, **tm}
         pol_t = tm.get("time/rollout/sample", 0.0)
         out["perf/policy_share_of_rollout"] = pol_t / max(t_roll, 1e-9)
+        diag_t = tm.get("time/actor/diagnostics", 0.0) + tm.get("time/actor/loss_diagnostics", 0.0)
+        out["perf/diagnostics_share"] = diag_t / max(out["perf/iteration_s"], 1e-9)
         return out
 
     def _add_phases(self, tm: dict[str, float], t_roll: float) -> None:
