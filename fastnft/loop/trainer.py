@@ -236,7 +236,7 @@ class StepNFTTrainer:
         self.phase_s["rollout_policy"] += pol
         self.phase_s["rollout_other"] += max(t_roll - env - pol, 0.0)
         self.phase_s["update"] += tm.get("time/actor/update", 0.0) + tm.get("time/actor/ema", 0.0)
-        self.phase_s["diagnostics"] += tm.get("time/actor/diagnostics", 0.0)
+        self.phase_s["diagnostics"] += tm.get("time/actor/diagnostics", 0.0) + tm.get("time/actor/loss_diagnostics", 0.0)
         self.phase_s["env_steps"] += self._last_env_steps
 
     # -- loop ------------------------------------------------------------------------------------------------------
