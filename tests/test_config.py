@@ -88,3 +88,14 @@ def test_rollout_cuda_graphs_on_off_survive_yaml_booleans():
     assert load_config(None, []).rollout.cuda_graphs == "auto"
     with pytest.raises(ConfigError, match="rollout.cuda_graphs"):
         load_config(None, ["rollout.cuda_graphs=sometimes"])
+
+
+@pytest.mark.parametrize("workers", [0, 9])
+def test_num_workers_out_of_range_names_the_key(workers):
+    with pytest.raises(ConfigError, match=r"env.num_workers.*1..env.num_envs=8"):
+        load_config("configs/pickcube_stepnft.yaml", [f"env.num_workers={workers}"])
+
+
+def test_num_workers_null_and_in_range_load():
+    assert load_config("configs/pickcube_stepnft.yaml", []).env.num_workers is None
+    assert load_config("configs/pickcube_stepnft.yaml", ["env.num_workers=2"]).env.num_workers == 2
