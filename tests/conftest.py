@@ -5,8 +5,8 @@ tests/test_bandit_grpo.py train StepNFT and Flow-GRPO from the same start; one S
 
 ``torch_threads(n)``: torch's intra-op thread count inside a block, restored after it. The bandit fixtures train
 with ONE thread: on this project's 2-core machines two threads were as fast as one when idle (100 SFT steps: 3.8 s
-vs 3.4 s) and 5-13x slower when the machine was shared (22-112 s vs 5-9 s, same run, alternating), which is how
-these fixtures once took 840-860 s of setup beside a main job.
+vs 3.4 s) and 5-13x slower when the machine was shared (22-112 s vs 5-9 s, same run, alternating; load average
+4-6, 2026-12-08), the likely reason these fixtures once took 840-860 s of setup beside a main job.
 """
 
 from __future__ import annotations
