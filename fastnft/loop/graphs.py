@@ -16,9 +16,13 @@
   require grad, and the EMA copy requires none (a policy whose weights do would replay stale casts);
 - no host sync inside the captured region (the GPU tests check it with ``torch.cuda.set_sync_debug_mode``).
 
-On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state.
-Observations that are not one tensor (pi0's dicts of frames, state and instruction, or its prefix context) always
-run eagerly: the processor tokenises the instruction on the host, which a graph cannot capture.
+pi0 / pi0.5 are graphed too (issue 22): a prefix context (``prefix_mode: cached``) is copied into a static context
+and one graph replays the K-step loop; an observation dict is tokenised on the host (a graph cannot capture that),
+its tensors copied into static inputs, and two graphs replay: the prefix encode into static prefix buffers, then the
+K-step loop (:class:`GraphedSampler`). Pre-drawn noise (``noise [N, K+1, H, D]``) is one more static input.
+
+On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state; the
+capture logic runs on CPU through a stand-in of the graph mechanism (:mod:`fastnft.testing.graphs`).
 """
 
 from __future__ import annotations
