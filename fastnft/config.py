@@ -103,7 +103,12 @@ class EnvConfig:
     (PickCube-v1's own 50 cuts most motion-planned demos), 240 / 240 / 320 / 480 for LIBERO Spatial / Object /
     Goal / Long. Resolved when the config is built, so it is always an int afterwards."""
     num_envs: int = 8
-    """Parallel environments (on CPU: single-env ManiSkill copies in spawned subprocesses)."""
+    """Env slots: episodes run in parallel (on CPU: single-env simulator copies spread over ``num_workers``
+    processes). An env whose episode ended starts the iteration's next episode at once."""
+    num_workers: int | None = None
+    """CPU simulators (ManiSkill's CPU backend, LIBERO): worker processes, each stepping ``num_envs /
+    num_workers`` env copies in turn, one action chunk per round trip; null = one per usable core (at most
+    ``num_envs``). Ignored by ``bandit`` and ManiSkill's GPU backend."""
     sim_backend: Literal["cpu", "gpu", "auto"] = "cpu"
     """ManiSkill physics backend: ``gpu`` batches all envs in one PhysX scene on the policy's GPU (co-located,
     outputs stay CUDA tensors); ``auto`` = gpu if CUDA else cpu. The default stays ``cpu`` until a GPU run has
@@ -142,6 +147,8 @@ class EnvConfig:
         _require(set(self.camera_slots) <= set(self.cameras), "env.camera_slots",
                  f"names cameras not in env.cameras={self.cameras!r}: {sorted(set(self.camera_slots) - set(self.cameras))}")
         _require(self.num_envs >= 1, "env.num_envs", "must be >= 1")
+        _require(self.num_workers is None or 1 <= self.num_workers <= self.num_envs, "env.num_workers",
+                 f"must be null (one per core) or in 1..env.num_envs={self.num_envs}, got {self.num_workers!r}")
         _require(self.obs_mode in OBS_MODES, "env.obs_mode",
                  f"must be one of {', '.join(OBS_MODES)}, got {self.obs_mode!r}")
         if self.obs_mode == "rgb":

@@ -178,9 +178,32 @@ def _bind_step(step_fn: StepFn, generator: torch.Generator | None, like: Tensor)
 
 
 @torch.no_grad()
+def split_noise(noise: Tensor | None, n: int, shape: tuple[int, int], generator: torch.Generator | None,
+                device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The initial state ``[n, H, D]`` and the SDE noise ``[n, K, H, D]`` (or None) of one sampling call.
+
+    ``noise`` is the per-row noise of :meth:`FlowPolicy.sample`: ``[n, K+1, H, D]`` standard normals, ``[:, 0]`` the
+    initial state, ``[:, 1:]`` the K steps' SDE noise. None: the initial state is drawn from ``generator`` and the
+    SDE noise is left to the step function.
+
+    Raises:
+        ValueError: ``noise`` of another shape or device.
+    """
+    if noise is None:
+        check_generator(generator, device, "policy initial noise")
+        return torch.randn((n, *shape), generator=generator, device=device), None
+    if noise.dim() != 4 or noise.shape[0] != n or tuple(noise.shape[2:]) != tuple(shape):
+        raise ValueError(f"noise must be [{n}, K+1, {shape[0]}, {shape[1]}] (initial state + K steps), got "
+                         f"{tuple(noise.shape)}")
+    if noise.device.type != torch.device(device).type:
+        raise ValueError(f"noise is on {noise.device} but the policy runs on {device}; move it there first")
+    return noise[:, 0], noise[:, 1:]
+
+
 def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
                    step_index: Tensor | None = None, generator: torch.Generator | None = None,
-                   step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
+                   step_fn: StepFn | None = None, keep_trajectory: bool = False,
+                   step_noise: Tensor | None = None) -> SampleRecord:
     """Run the K-step sampler from ``noise`` (t = 1) to an action chunk (t = 0), recording S3's tuple.
 
     The loop has a fixed trip count K and selects the recorded step with ``torch.where`` (no data-dependent
@@ -195,13 +218,17 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
         generator: RNG for the step index and the SDE noise, on ``noise``'s device.
         step_fn: implementation of the SDE step; defaults to the reference :func:`sde_step`.
         keep_trajectory: also return all K+1 states and K velocities (to store several solver steps per call).
+        step_noise: ``[N, K, H, D]`` standard normal SDE noise, step i's in ``[:, i]`` (per-episode noise drawn by
+            the rollout, so a row's sample does not depend on its batch); None = drawn by ``step_fn`` from
+            ``generator``. When given, the step is :func:`sde_step` with this ``z`` (the fused step draws its own
+            Philox noise, so it is not used).
 
     Returns:
         :class:`SampleRecord`.
 
     Raises:
-        ValueError: ``noise`` is not 3-D, ``step_index`` has the wrong shape or range, or ``generator`` lives on
-            another device than ``noise``.
+        ValueError: ``noise`` is not 3-D, ``step_index`` or ``step_noise`` has the wrong shape or range, or
+            ``generator`` lives on another device than ``noise``.
     """
     if noise.dim() != 3:
         raise ValueError(f"noise must be [N, H, D], got shape {tuple(noise.shape)}")
@@ -214,6 +241,9 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
     if step_index.shape != (N,):
         raise ValueError(f"step_index must have shape [{N}], got {tuple(step_index.shape)}")
     step_fn = step_fn or sde_step
+    if step_noise is not None and step_noise.shape != (N, K, *noise.shape[1:]):
+        raise ValueError(f"step_noise must be [{N}, {K}, {noise.shape[1]}, {noise.shape[2]}], got "
+                         f"{tuple(step_noise.shape)}")
     x = noise
     rec_x = torch.zeros_like(noise)
     rec_v = torch.zeros_like(noise)
@@ -221,10 +251,12 @@ def sample_actions(velocity_fn: VelocityFn, noise: Tensor, schedule: FlowSDESche
     states, vels = [noise], []
     # Coefficients go in as 0-d views of the schedule (stride-0 broadcast), so an SDE step is one kernel launch
     # with the fused step (no per-step `coef * ones` tensors); `t` is an expanded view for the same reason.
-    step = _bind_step(step_fn, generator, noise)
+    step = _bind_step(step_fn, generator, noise) if step_noise is None else None
     for i in range(K):
         v = velocity_fn(x, sch.t[i].expand(N))
-        if stochastic:
+        if stochastic and step is None:
+            x_new = sde_step(x, v, sch.A[i], sch.B[i], sch.std[i], z=step_noise[:, i])  # type: ignore[index]
+        elif stochastic:
             x_new = step(x, v, sch.A[i], sch.B[i], sch.std[i])
         else:
             x_new = ode_step(x, v, sch.delta)

@@ -42,6 +42,13 @@ def test_pipeline_smoke_one_iteration(sft_tmp):
     assert report["sft"]["episodes"] == 64 and report["stepnft"]["episodes"] == 64
     assert (sft_tmp / "run" / "success_curve.png").stat().st_size > 1000
     assert "π-StepNFT" in out.stdout and "held-out success" in out.stdout
+    # where the time went: every phase of the job, the rollout's split between env and policy, and its rate
+    st = report["stages"]
+    for key in ("sft_s", "rollout_env_s", "rollout_policy_s", "update_s", "diagnostics_s", "evaluation_s",
+                "total_s"):
+        assert key in st, key
+    assert st["rollout_env_s"] > 0 and st["rollout_policy_s"] > 0 and st["evaluation_s"] > 0
+    assert st["rollout_env_steps_per_s"] > 0 and "Where the time went" in out.stdout
     recs = read_jsonl(sft_tmp / "run" / "metrics.jsonl")
     train = [r for r in recs if r["kind"] == "train"]
     assert len(train) == 1 and 0.0 <= train[0]["labels/positive_share"] <= 1.0

@@ -74,12 +74,12 @@ def test_random_episode_runs_to_time_limit_without_autoreset(env):
         if t < MAX_STEPS:
             assert not res.done.any() or res.success.any(), f"done too early at step {t}"
     assert res.done.all() and not env.success_once.any()
-    # Stepping on after the end neither crashes nor starts a new episode (a reset would draw a new goal).
-    for _ in range(3):
-        raw_obs, _, _ = env._step(torch.zeros(2, 4))
-        assert torch.equal(raw_obs[:, GOAL], obs0[:, GOAL])
-    res2 = env.step(torch.zeros(2, 4))
+    # A chunk after the end neither steps the finished episodes nor starts new ones (a reset would draw a new goal).
+    sim = env.sim_steps
+    res2 = env.step_chunk(torch.zeros(2, 3, 4))
+    assert env.sim_steps == sim and res2.steps.tolist() == [0, 0], "finished episodes must not be simulated"
     assert res2.done.all() and torch.equal(res2.obs, res.obs) and (res2.reward == 0).all()
+    assert torch.equal(res2.obs[:, GOAL], obs0[:, GOAL])
 
 
 def test_unknown_task_id_is_a_clear_error():
@@ -89,13 +89,23 @@ def test_unknown_task_id_is_a_clear_error():
 
 def test_close_stops_workers():
     e = ManiSkillVectorEnv(EnvConfig(sim_backend="cpu"), num_envs=1)
-    procs = list(e._venv.processes)
-    assert _worker_pids(e) and all(p.is_alive() for p in procs)
+    pids = _worker_pids(e)
+    folder = e._pool.folder
+    assert pids and all(_alive(p) for p in pids) and folder.is_dir()
     e.close()
     e.close()  # idempotent
-    assert not any(p.is_alive() for p in procs)
+    assert not any(_alive(p) for p in pids)
+    assert not folder.exists(), "the pool's private folder (observations, logs) must be removed"
     with pytest.raises(RuntimeError, match="closed"):
-        e._reset([0])
+        e.reset([0])
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_missing_vulkan_says_how_to_fix():

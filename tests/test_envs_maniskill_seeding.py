@@ -50,17 +50,17 @@ class BatchedSeedingStub:
 def _stub_env(n: int) -> ManiSkillVectorEnv:
     env = object.__new__(ManiSkillVectorEnv)  # the real reset logic over the stub scene (no simulator)
     env.num_envs, env.obs_dim, env.act_dim, env.max_episode_steps = n, 3, 1, 5
-    env.rgb, env.device, env._venv = False, torch.device("cpu"), None
+    env.rgb, env.device, env._pool = False, torch.device("cpu"), None
     env._gpu_env, env._gpu_scene_ready = BatchedSeedingStub(n), False
     return env
 
 
 def test_equal_seeds_give_equal_initial_states_on_the_batched_scene():
     env = _stub_env(4)
-    obs = env._reset([5, 5, 7, 7])
+    obs = env._reset_slots([0, 1, 2, 3], [5, 5, 7, 7])
     assert torch.equal(obs[0], obs[1]) and torch.equal(obs[2], obs[3])
     assert not torch.equal(obs[0], obs[2])
-    again = env._reset([7, 5, 5, 7])  # a later reset: no reconfiguration, the same state per seed
+    again = env._reset_slots([0, 1, 2, 3], [7, 5, 5, 7])  # a later reset: no reconfiguration, the same state per seed
     assert torch.equal(again[0], obs[2]) and torch.equal(again[1], obs[0]) and torch.equal(again[3], obs[2])
     assert env._gpu_env.calls[-1] == ([7] * 4, [3])  # one env per reset call, its seed in every slot
 

@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 __all__ = ["ChunkResult", "StepResult", "VectorEnv", "make_env"]
 
 
-def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
-    """Build the vector env named by ``cfg.task`` (``bandit``, a LIBERO suite ``libero_*`` or a ManiSkill3 env id).
+def make_env(cfg: EnvConfig, num_envs: int | None = None, num_workers: int | None = None) -> VectorEnv:
+    """Build the vector env named by ``cfg.task`` (``bandit``, a LIBERO suite ``libero_*`` or a ManiSkill3 env id)
+    with ``num_envs`` slots (default ``cfg.num_envs``) and, for CPU simulators, ``num_workers`` worker processes
+    (default ``cfg.num_workers``; null = one per usable core).
 
     Raises:
         ValueError: unknown task name (the message lists the known ones).
@@ -31,7 +33,7 @@ def make_env(cfg: EnvConfig, num_envs: int | None = None) -> VectorEnv:
     if cfg.task.startswith("libero_"):
         from fastnft.envs.libero import LiberoVectorEnv
 
-        return LiberoVectorEnv(cfg, num_envs=n)
+        return LiberoVectorEnv(cfg, num_envs=n, num_workers=num_workers)
     from fastnft.envs.maniskill import ManiSkillVectorEnv
 
-    return ManiSkillVectorEnv(cfg, num_envs=n)
+    return ManiSkillVectorEnv(cfg, num_envs=n, num_workers=num_workers)

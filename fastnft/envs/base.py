@@ -80,14 +80,17 @@ class StepResult:
 
 @dataclass
 class ChunkResult:
-    """Result of executing one action chunk ``[N, C, act_dim]`` step by step.
+    """Result of executing one action chunk ``[N, C, act_dim]``.
 
     Attributes:
-        obs: ``[N, obs_dim]`` observation (or dict) after the chunk (stale for envs whose episode ended).
+        obs: ``[N, obs_dim]`` observation (or dict) after the chunk (the last real one for envs whose episode ended).
         reward: ``[N]`` float32 summed reward over the steps the env was active.
         steps: ``[N]`` int64 env steps actually executed (<= C).
         done: ``[N]`` bool, episode over (latched).
         success_once: ``[N]`` bool, success at any step of the episode so far (latched).
+        lost: ``[N]`` bool, the env's episode was lost to a simulator worker that died (the worker was replaced;
+            the episode must be started again, :attr:`VectorEnv.failures` says why). None for in-process
+            simulators, which cannot lose one.
     """
 
     obs: EnvObs
@@ -95,17 +98,30 @@ class ChunkResult:
     steps: Tensor
     done: Tensor
     success_once: Tensor
+    lost: Tensor | None = None
 
 
 class VectorEnv(ABC):
-    """N environments stepped in lockstep; observations and all bookkeeping on :attr:`device`.
+    """N environment slots, each running its own episode; observations and all bookkeeping on :attr:`device`.
 
-    Subclasses implement :meth:`_reset` and :meth:`_step`; this base class keeps the episode bookkeeping so all
-    adapters agree on it. CPU simulators keep the default ``device = cpu``; a GPU simulator (ManiSkill's PhysX-GPU
-    scene) sets its CUDA device, and then observations, actions, done and success flags stay CUDA tensors end to
-    end: the base class adds no host sync per env step.
+    A slot's episode starts with :meth:`reset_slots` (or :meth:`reset` for all N at once) and ends at its first
+    success or after ``max_episode_steps`` env steps; :meth:`step_chunk` executes one action chunk in every slot
+    whose episode is running, and slots whose episode ended are left alone until they are reset again. So a
+    rollout can start the next episode in a slot as soon as the slot's last one ended
+    (:func:`fastnft.loop.rollout.run_episodes`). A slot never reset counts as done.
+
+    Subclasses implement :meth:`_reset_slots` and either :meth:`_step` (one step of all N; the base class loops
+    it over the chunk) or :meth:`_step_chunk` (the whole chunk at once: CPU worker pools, which step only the
+    running episodes and stop each at its end). CPU simulators keep the default ``device = cpu``; a GPU simulator
+    (ManiSkill's PhysX-GPU scene) sets its CUDA device, and then observations, actions, done and success flags stay
+    CUDA tensors end to end.
 
     With dict observations (camera observations) :attr:`obs_dim` is the width of ``observation.state``.
+
+    Attributes:
+        sim_steps: every env step simulated so far, including steps a lockstep simulator spends on slots whose
+            episode is over (steps the episodes use are ``ChunkResult.steps``).
+        failures: ``{slot: message}`` why a slot's last episode was lost (worker pools only).
     """
 
     device: torch.device = torch.device("cpu")
@@ -122,17 +138,34 @@ class VectorEnv(ABC):
         self._done: Tensor | None = None
         self._success_once: Tensor | None = None
         self._obs: EnvObs | None = None
+        self.sim_steps = 0
+        self.failures: dict[int, str] = {}
 
     # -- to implement ---------------------------------------------------------------------------------------
-    @abstractmethod
     def _reset(self, seeds: list[int]) -> EnvObs:
-        """Reset all N envs with the given seeds; return ``[N, obs_dim]`` float32 (or a dict) on :attr:`device`."""
+        """Reset all N envs with the given seeds; return ``[N, obs_dim]`` float32 (or a dict) on :attr:`device`.
+        Only needed by adapters that do not implement :meth:`_reset_slots`."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _reset_slots nor _reset")
 
-    @abstractmethod
+    def _reset_slots(self, slots: list[int], seeds: list[int]) -> EnvObs:
+        """Start a new episode in each of ``slots`` from its seed; return the observation of ALL N slots (the
+        others unchanged). The default resets every slot at once and so needs ``slots`` to be all of them."""
+        if sorted(slots) != list(range(self.num_envs)):
+            raise NotImplementedError(f"{type(self).__name__} can only reset all {self.num_envs} envs at once")
+        order = sorted(range(len(slots)), key=lambda j: slots[j])
+        return self._reset([seeds[j] for j in order])
+
     def _step(self, actions: Tensor) -> tuple[EnvObs, Tensor, Tensor]:
         """Step all N envs with ``[N, act_dim]`` float32 actions on :attr:`device`; return obs ``[N, obs_dim]`` (or
-        a dict), reward ``[N]``, success ``[N]`` bool, on :attr:`device`. On CPU it is called only while at least one
-        env is active; a device env may also be stepped after every episode ended (its output is ignored)."""
+        a dict), reward ``[N]``, success ``[N]`` bool, on :attr:`device`. Outputs of slots whose episode is over are
+        ignored."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _step_chunk nor _step")
+
+    def _step_chunk(self, actions: Tensor, live: Tensor) -> tuple[EnvObs, Tensor, Tensor, Tensor, Tensor] | None:
+        """Execute ``[N, C, act_dim]`` clipped actions in the slots where ``live [N]`` holds, each stopped at its
+        episode's end. Return ``(obs of all N, reward_sum [N], steps [N] int64, success [N] bool, lost [N] bool)``,
+        or None to have the base class loop :meth:`_step` (the default)."""
+        return None
 
     def close(self) -> None:
         """Release simulator resources (subprocesses, GPU scenes)."""
@@ -147,29 +180,58 @@ class VectorEnv(ABC):
         """
         if len(seeds) != self.num_envs:
             raise ValueError(f"reset needs one seed per env: got {len(seeds)} seeds for {self.num_envs} envs")
-        obs = _obs_to_device(self._reset([int(s) for s in seeds]), self.device)
+        return self.reset_slots(list(range(self.num_envs)), seeds)
+
+    def reset_slots(self, slots: list[int], seeds: list[int]) -> EnvObs:
+        """Start a new episode in each of ``slots`` (distinct, in ``0..N-1``) from the matching seed; the other slots
+        keep their state. Returns the observation of all N slots (a copy).
+
+        Raises:
+            ValueError: mismatched lengths, repeated or out-of-range slots.
+        """
+        if len(slots) != len(seeds):
+            raise ValueError(f"reset_slots needs one seed per slot: got {len(seeds)} seeds for {len(slots)} slots")
+        if len(set(slots)) != len(slots) or any(not 0 <= s < self.num_envs for s in slots):
+            raise ValueError(f"slots must be distinct and in 0..{self.num_envs - 1}, got {slots}")
+        obs = _obs_to_device(self._reset_slots([int(s) for s in slots], [int(s) for s in seeds]), self.device)
         n, dev = self.num_envs, self.device
-        self._elapsed = torch.zeros(n, dtype=torch.long, device=dev)
-        self._done = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._success_once = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._low, self._high = self.action_low.to(dev), self.action_high.to(dev)
+        if self._done is None:
+            self._elapsed = torch.zeros(n, dtype=torch.long, device=dev)
+            self._done = torch.ones(n, dtype=torch.bool, device=dev)  # a slot never reset has no running episode
+            self._success_once = torch.zeros(n, dtype=torch.bool, device=dev)
+            self._low, self._high = self.action_low.to(dev), self.action_high.to(dev)
+        assert self._elapsed is not None and self._success_once is not None
+        idx = torch.as_tensor(slots, dtype=torch.long).to(dev)
+        self._elapsed[idx] = 0
+        self._done[idx] = False
+        self._success_once[idx] = False
         self._obs = obs
-        return obs
+        return _obs_clone(obs)
+
+    @property
+    def resets_slots(self) -> bool:
+        """Whether single slots can start an episode while others run (the adapter implements
+        :meth:`_reset_slots`); otherwise only all N at once (:meth:`reset`)."""
+        return type(self)._reset_slots is not VectorEnv._reset_slots
 
     @property
     def done(self) -> Tensor:
-        """``[N]`` bool: episode over (latched until reset)."""
+        """``[N]`` bool: episode over (latched until the slot is reset)."""
         assert self._done is not None, "call reset() first"
         return self._done
 
     @property
     def success_once(self) -> Tensor:
-        """``[N]`` bool: success at any step of the current episode."""
+        """``[N]`` bool: success at any step of the slot's current episode."""
         assert self._success_once is not None, "call reset() first"
         return self._success_once
 
+    def _clip(self, actions: Tensor) -> Tensor:
+        return torch.maximum(torch.minimum(actions.detach().float().to(self.device), self._high), self._low)
+
     def step(self, actions: Tensor) -> StepResult:
-        """Step all envs once with ``[N, act_dim]`` actions (clipped to the action bounds); ended envs ignore theirs.
+        """Step all running episodes once with ``[N, act_dim]`` actions (clipped to the action bounds); slots whose
+        episode is over ignore theirs.
 
         Raises:
             ValueError: wrong action shape.
@@ -179,37 +241,65 @@ class VectorEnv(ABC):
             raise RuntimeError("VectorEnv.step called before reset(seeds)")
         if actions.shape != (self.num_envs, self.act_dim):
             raise ValueError(f"actions must be [{self.num_envs}, {self.act_dim}], got {tuple(actions.shape)}")
-        act = torch.maximum(torch.minimum(actions.detach().float().to(self.device), self._high), self._low)
+        res = self.step_chunk(actions[:, None])
+        return StepResult(obs=res.obs, reward=res.reward, success=res.success_once & (res.steps > 0),
+                          done=res.done)
+
+    def _loop_step(self, act: Tensor) -> tuple[Tensor, Tensor]:
+        """One :meth:`_step` of all N with the bookkeeping; returns (reward [N] of running slots, active [N])."""
+        assert self._done is not None and self._elapsed is not None and self._success_once is not None
         active = ~self._done
         obs, reward, success = self._step(act)
+        self.sim_steps += self.num_envs  # a lockstep simulator steps every slot
         obs = _obs_to_device(obs, self.device)
         success = success.bool().to(self.device) & active
         self._elapsed += active.long()
         self._success_once |= success
-        newly_done = active & (success | (self._elapsed >= self.max_episode_steps))
-        self._done |= newly_done
+        self._done |= active & (success | (self._elapsed >= self.max_episode_steps))
         # Keep the last real observation of ended envs rather than whatever the simulator returns after the end.
         self._obs = _obs_latch(active, obs, self._obs)
-        return StepResult(obs=_obs_clone(self._obs), reward=torch.where(active, reward.float().to(self.device), 0.0),
-                          success=success, done=self._done.clone())
+        return torch.where(active, reward.float().to(self.device), 0.0), active
 
     def step_chunk(self, actions: Tensor) -> ChunkResult:
-        """Execute an action chunk ``[N, C, act_dim]`` one step at a time.
+        """Execute an action chunk ``[N, C, act_dim]`` (clipped to the action bounds) in every slot whose episode
+        is running, each stopped at its episode's end.
 
-        On CPU it stops early once every env is done. A device env runs all C steps instead: the early stop would
-        be a host sync per env step, and the steps after every episode ended are ignored anyway.
+        With a per-step simulator (:meth:`_step`) on CPU the loop stops early once every episode is over; a device
+        env runs all C steps instead: the early stop would be a host sync per env step, and the steps after every
+        episode ended are ignored anyway.
+
+        Raises:
+            ValueError: wrong action shape.
+            RuntimeError: called before :meth:`reset`.
         """
+        if self._done is None:
+            raise RuntimeError("VectorEnv.step_chunk called before reset(seeds)")
         if actions.dim() != 3 or actions.shape[0] != self.num_envs or actions.shape[2] != self.act_dim:
             raise ValueError(f"chunk must be [{self.num_envs}, C, {self.act_dim}], got {tuple(actions.shape)}")
-        total = torch.zeros(self.num_envs, device=self.device)
-        steps = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
-        for c in range(actions.shape[1]):
-            if self.device.type == "cpu" and bool(self.done.all()):
-                break
-            active = ~self.done
-            res = self.step(actions[:, c])
-            total += res.reward
-            steps += active.long()
+        assert self._elapsed is not None and self._success_once is not None
+        act = self._clip(actions)
+        live = ~self._done
+        out = self._step_chunk(act, live)
+        if out is None:
+            total = torch.zeros(self.num_envs, device=self.device)
+            steps = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+            for c in range(act.shape[1]):
+                if self.device.type == "cpu" and bool(self._done.all()):
+                    break
+                reward, active = self._loop_step(act[:, c])
+                total += reward
+                steps += active.long()
+            lost = None  # an in-process simulator cannot lose an episode
+        else:
+            obs, total, steps, success, lost = out
+            obs = _obs_to_device(obs, self.device)
+            steps, lost = steps.to(self.device), lost.to(self.device)
+            success = success.bool().to(self.device) & live
+            total = torch.where(live, total.float().to(self.device), 0.0)
+            self._elapsed += steps
+            self._success_once |= success
+            self._done |= live & (success | (self._elapsed >= self.max_episode_steps) | lost)
+            self._obs = _obs_latch(live, obs, self._obs)
         assert self._obs is not None
-        return ChunkResult(obs=_obs_clone(self._obs), reward=total, steps=steps, done=self.done.clone(),
-                           success_once=self.success_once.clone())
+        return ChunkResult(obs=_obs_clone(self._obs), reward=total, steps=steps, done=self._done.clone(),
+                           success_once=self._success_once.clone(), lost=lost)

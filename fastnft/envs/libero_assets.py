@@ -235,7 +235,7 @@ def libero_home() -> Path:
     global _HOME
     root = verified_root()
     if _HOME is None or not (_HOME / "config.yaml").is_file():
-        d = Path(tempfile.mkdtemp(prefix="fastnft-libero-"))
+        d = Path(tempfile.mkdtemp(prefix=f"fastnft-libero-{os.getpid()}-"))  # pid: a killed run's folder is found and removed (fastnft.envs.pool.clean_stale_dirs)
         atexit.register(shutil.rmtree, d, True)
         lines = [f"assets: {root / 'assets'}", f"bddl_files: {root / 'bddl_files'}", f"benchmark_root: {root}",
                  f"datasets: {d / 'datasets'}", f"init_states: {root / 'init_files'}"]

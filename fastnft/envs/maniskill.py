@@ -2,10 +2,12 @@
 
 Two backends behind one class, :class:`ManiSkillVectorEnv`:
 
-* **cpu** (tested): ManiSkill's CPU physics refuses ``num_envs > 1``, so N single-env copies run in spawned
-  subprocesses under gymnasium's ``AsyncVectorEnv`` (``fork`` hangs SAPIEN). Autoreset is disabled: an env whose
-  episode ended is simply stepped on (the base class ignores its output), it never jumps into a new episode.
-  Starting the workers costs a few seconds each (imports + scene), so build the env once and reuse it.
+* **cpu** (tested): ManiSkill's CPU physics refuses ``num_envs > 1``, so N single-env copies run in a
+  :class:`~fastnft.envs.pool.WorkerPool`: one worker process per core (``env.num_workers``), each stepping its
+  share of the copies in turn, a whole action chunk per round trip, each copy stopped at its episode's end;
+  observations come back through shared memory. A slot whose episode ended is not stepped; the rollout starts
+  the next episode in it (``reset_slots``). A worker that dies is replaced (its episodes are reported lost).
+  Starting a worker costs a few seconds (imports + scene), so build the env once and reuse it.
 * **gpu** (never run: no GPU has been available to this project): ManiSkill's native batched PhysX-GPU scene,
   ``gym.make(task, num_envs=N, sim_backend="physx_cuda:<LOCAL_RANK>")``, co-located with the policy in one
   process. Observations, actions, rewards and success flags stay CUDA tensors end to end (``env.device`` is
@@ -37,8 +39,8 @@ Two observation modes (``EnvConfig.obs_mode``):
   - ``task``: N copies of the language instruction (``EnvConfig.instruction`` or the task's built-in one).
 
   The CPU workers render with SAPIEN's CPU renderer (lavapipe), or with the GPU renderer where CUDA is present,
-  and ship the frames through the ``AsyncVectorEnv``'s shared memory (a ``Dict`` space of ``state`` and one uint8
-  array per camera); the instruction is added in this process. The GPU backend renders in the PhysX-GPU scene on
+  and write the frames to the pool's shared memory (``state`` and one uint8 array per camera); the instruction is
+  added in this process. The GPU backend renders in the PhysX-GPU scene on
   the same GPU and returns the frames as CUDA tensors.
 
     env = ManiSkillVectorEnv(EnvConfig(sim_backend="cpu"), num_envs=4)
@@ -60,7 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastnft.envs.base import STATE_KEY, TASK_KEY, EnvObs, VectorEnv, image_key
+from fastnft.envs.base import STATE_KEY, TASK_KEY, EnvObs, image_key
+from fastnft.envs.pool import PooledEnv, WorkerPool, default_workers
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -68,7 +71,7 @@ if TYPE_CHECKING:
 
     from fastnft.config import EnvConfig
 
-__all__ = ["VULKAN_FIX", "ManiSkillVectorEnv", "check_grouped_seeding", "check_task",
+__all__ = ["VULKAN_FIX", "ManiSkillSim", "ManiSkillVectorEnv", "check_grouped_seeding", "check_task",
            "make_single_env", "resolve_backend", "vulkan_available"]
 
 VULKAN_FIX = ("SAPIEN (ManiSkill's simulator) found no Vulkan device. Fix: run `bash scripts/install.sh` (it "
@@ -332,32 +335,58 @@ def make_single_env(task: str = "PickCube-v1", control_mode: str = "pd_ee_delta_
         raise
 
 
-class _EnvFn:
-    """Picklable factory for AsyncVectorEnv workers (spawned processes re-import this module)."""
+class ManiSkillSim:
+    """One CPU ManiSkill env copy with the numpy API of a pool worker's simulator (:mod:`fastnft.envs.pool_worker`):
+    ``reset(seed) -> obs``, ``step(action) -> (obs, reward, success)``, obs ``{"state": [obs_dim] float32}`` (state
+    mode) or ``{"state": [state_dim] float32, <camera>: [H, W, 3] uint8, ...}`` (rgb). Built with
+    :func:`make_single_env` from the same arguments."""
 
-    def __init__(self, task: str, control_mode: str, obs_mode: str, max_episode_steps: int,
-                 **kwargs: Any) -> None:
-        self.args = (task, control_mode, obs_mode, max_episode_steps)
-        self.kwargs = kwargs
+    _spare: tuple[tuple, Any] | None = None  # the env describe() built, handed to the first copy of the same kind
 
-    def __call__(self) -> gym.Env:
-        return make_single_env(*self.args, **self.kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        spare, ManiSkillSim._spare = ManiSkillSim._spare, None
+        self.env = spare[1] if spare is not None and spare[0] == key else make_single_env(**kwargs)
+        self.rgb = kwargs.get("obs_mode", "state") == "rgb"
+
+    @classmethod
+    def describe(cls, **kwargs: Any) -> dict[str, Any]:
+        """Observation layout ``{key: (shape, dtype)}``, ``act_dim`` and action bounds of the env ``kwargs`` build."""
+        env = make_single_env(**kwargs)
+        cls._spare = (tuple(sorted((k, repr(v)) for k, v in kwargs.items())), env)
+        space, act = env.observation_space, env.action_space
+        if kwargs.get("obs_mode", "state") == "rgb":
+            layout = {k: (tuple(space[k].shape), np.dtype(space[k].dtype).str) for k in space.spaces}
+        else:
+            layout = {"state": ((int(np.prod(space.shape)),), "<f4")}
+        return {"layout": layout, "act_dim": int(np.prod(act.shape)),
+                "action_low": np.asarray(act.low, np.float32).reshape(-1),
+                "action_high": np.asarray(act.high, np.float32).reshape(-1)}
+
+    def _obs(self, obs: Any) -> dict[str, np.ndarray]:
+        return obs if self.rgb else {"state": obs}
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        return self._obs(self.env.reset(seed=int(seed))[0])
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
+        obs, reward, _, _, info = self.env.step(action)
+        return self._obs(obs), reward, info["success"]
+
+    def close(self) -> None:
+        self.env.close()
 
 
-def _close_async(venv: Any) -> None:
-    try:
-        venv.close(terminate=True)
-    except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit  # pragma: no cover
-        pass
-
-
-class ManiSkillVectorEnv(VectorEnv):
+class ManiSkillVectorEnv(PooledEnv):
     """N ManiSkill3 envs of one task, stepped in lockstep (see the module docstring for the two backends).
 
     Args:
         cfg: env config; uses ``task``, ``control_mode``, ``obs_mode``, ``max_episode_steps``, ``sim_backend``,
             and for ``obs_mode: rgb`` also ``cameras``, ``image_size``, ``instruction``.
-        num_envs: N parallel envs (CPU: one subprocess each; keep it near the number of free cores).
+        num_envs: N env slots (parallel episodes).
+        num_workers: CPU backend: worker processes, each stepping ``N / num_workers`` single-env copies in turn
+            (:class:`~fastnft.envs.pool.WorkerPool`); None = ``cfg.num_workers``, and when that is null one per usable
+            core (at most N). Ignored by the GPU backend.
 
     Attributes:
         obs_dim: flattened state size (42 for PickCube-v1, state obs); with ``rgb`` the width of
@@ -381,7 +410,7 @@ class ManiSkillVectorEnv(VectorEnv):
             requested without CUDA.
     """
 
-    def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
+    def __init__(self, cfg: EnvConfig, num_envs: int, num_workers: int | None = None) -> None:
         super().__init__()
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -397,38 +426,37 @@ class ManiSkillVectorEnv(VectorEnv):
         self.instruction = cfg.language_instruction() if self.rgb else ""
         self._tasks = [self.instruction] * self.num_envs
         self.backend = resolve_backend(cfg)
-        self._venv: Any = None
         self._gpu_env: Any = None
+        self.num_workers = 0
         self._gpu_scene_ready = False  # the GPU scene has had its first (reconfiguring, batched) reset
         if self.backend == "cpu":
-            self._init_cpu(cfg)
+            self._init_cpu(cfg, num_workers if num_workers is not None else getattr(cfg, "num_workers", None))
         else:
             self._init_gpu(cfg)
 
-    # -- CPU: AsyncVectorEnv of single envs -----------------------------------------------------------------------
-    def _init_cpu(self, cfg: EnvConfig) -> None:
-        from gymnasium.vector import AsyncVectorEnv, AutoresetMode
-
-        extra = ({"cameras": self.cameras, "image_size": cfg.image_size, "render_backend": _cpu_render_backend()}
-                 if self.rgb else {})
-        fn = _EnvFn(cfg.task, cfg.control_mode, cfg.obs_mode, cfg.max_episode_steps, **extra)
+    # -- CPU: a worker pool of single envs ------------------------------------------------------------------------
+    def _init_cpu(self, cfg: EnvConfig, num_workers: int | None) -> None:
+        self.num_workers = int(num_workers) if num_workers else default_workers(self.num_envs)
+        kwargs: dict[str, Any] = {"task": cfg.task, "control_mode": cfg.control_mode, "obs_mode": cfg.obs_mode,
+                                  "max_episode_steps": cfg.max_episode_steps}
+        if self.rgb:
+            kwargs.update(cameras=self.cameras, image_size=cfg.image_size, render_backend=_cpu_render_backend())
         try:
-            # gymnasium builds env_fns[0]() once in this process to read the spaces: a Vulkan problem raises here.
-            venv = AsyncVectorEnv([fn] * self.num_envs, context="spawn", shared_memory=True, copy=True,
-                                  autoreset_mode=AutoresetMode.DISABLED, daemon=True)
+            pool = WorkerPool(("module", __name__, "ManiSkillSim"), kwargs, self.num_envs,
+                              min(self.num_workers, self.num_envs), self.max_episode_steps, name="pool")
         except Exception as e:
             raise _translate_sim_error(e) from e
-        self._venv = venv
-        self._finalizer = weakref.finalize(self, _close_async, venv)
-        obs_space, act_space = venv.single_observation_space, venv.single_action_space
+        self._pool = pool
+        self._finalizer = weakref.finalize(self, pool.close)
+        spec = pool.spec
         if self.rgb:
-            self.obs_dim = int(obs_space["state"].shape[0])
-            self.image_shapes = {c: tuple(obs_space[c].shape) for c in self.cameras}  # type: ignore[misc]
+            self.obs_dim = int(spec["layout"]["state"][0][0])
+            self.image_shapes = {c: tuple(spec["layout"][c][0]) for c in self.cameras}  # type: ignore[misc]
         else:
-            self.obs_dim = int(np.prod(obs_space.shape))
-        self.act_dim = int(np.prod(act_space.shape))
-        self.action_low = torch.as_tensor(np.asarray(act_space.low, dtype=np.float32).reshape(-1))
-        self.action_high = torch.as_tensor(np.asarray(act_space.high, dtype=np.float32).reshape(-1))
+            self.obs_dim = int(spec["layout"]["state"][0][0])
+        self.act_dim = int(spec["act_dim"])
+        self.action_low = torch.as_tensor(spec["action_low"])
+        self.action_high = torch.as_tensor(spec["action_high"])
 
     # -- GPU: ManiSkill's batched PhysX-GPU scene (untested on the CPU-only dev machine) ------------------------
     def _init_gpu(self, cfg: EnvConfig) -> None:  # pragma: no cover - needs CUDA
@@ -473,19 +501,24 @@ class ManiSkillVectorEnv(VectorEnv):
         return obs.reshape(self.num_envs, -1).float()  # stays on the scene's device
 
     # -- VectorEnv -------------------------------------------------------------------------------------------
-    def _cpu_obs(self, obs: Any) -> EnvObs:
-        """The AsyncVectorEnv's batched obs -> ``[N, obs_dim]`` float32, or the rgb dict (frames stay uint8)."""
+    def _episode(self, slot: int, seed: int) -> dict[str, Any]:
+        return {"seed": int(seed)}
+
+    def _pool_obs(self) -> EnvObs:
+        """The pool's shared observations -> ``[N, obs_dim]`` float32, or the rgb dict (frames stay uint8); copies."""
+        assert self._pool is not None
+        arrays = self._pool.arrays
+        state = torch.from_numpy(np.array(arrays["state"], dtype=np.float32)).reshape(self.num_envs, self.obs_dim)
         if not self.rgb:
-            return torch.from_numpy(np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim))
-        out: dict[str, Any] = {image_key(c): torch.from_numpy(np.asarray(obs[c], dtype=np.uint8))
+            return state
+        out: dict[str, Any] = {image_key(c): torch.from_numpy(np.array(arrays[c], dtype=np.uint8))
                                for c in self.cameras}
-        out[STATE_KEY] = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32).reshape(self.num_envs,
-                                                                                             self.obs_dim))
+        out[STATE_KEY] = state
         out[TASK_KEY] = list(self._tasks)
         return out
 
-    def _gpu_reset(self, seeds: list[int]) -> None:
-        """Reset every env of the batched GPU scene from its own seed: equal seeds give equal initial states.
+    def _gpu_reset(self, slots: list[int], seeds: list[int]) -> None:
+        """Reset the given envs of the batched GPU scene, each from its own seed: equal seeds give equal initial states.
 
         mani_skill 3.0.1 seeds a batched reset with the FIRST seed only (``torch.manual_seed(episode_seed[0])``
         around ``_initialize_episode``), and tasks such as PickCube then draw all envs' initial poses in one
@@ -498,35 +531,32 @@ class ManiSkillVectorEnv(VectorEnv):
         """
         env = self._gpu_env
         if not self._gpu_scene_ready:
-            env.reset(seed=[int(s) for s in seeds])
+            env.reset(seed=[int(seeds[0])] * self.num_envs)
             self._gpu_scene_ready = True
-        for j, s in enumerate(seeds):
+        for j, s in zip(slots, seeds, strict=True):
             # s_j in every slot: the torch draw (seeded from slot 0) and, with enhanced determinism, the per-env
             # numpy RNG of slot j both come from s_j
             env.reset(seed=[int(s)] * self.num_envs, options={"env_idx": torch.tensor([j], device=self.device)})
 
-    def _reset(self, seeds: list[int]) -> EnvObs:
-        if self._gpu_env is not None:
-            self._gpu_reset(seeds)
+    def _reset_slots(self, slots: list[int], seeds: list[int]) -> EnvObs:
+        if self._gpu_env is not None:  # pragma: no cover - needs CUDA
+            self._gpu_reset(slots, seeds)
             return self._gpu_obs(_reset_obs(self._gpu_env.unwrapped))
         self._require_open()
-        obs, _ = self._venv.reset(seed=list(seeds))
-        return self._cpu_obs(obs)
+        return super()._reset_slots(slots, seeds)
 
-    def _step(self, actions: Tensor) -> tuple[EnvObs, Tensor, Tensor]:
-        if self._gpu_env is not None:  # pragma: no cover - needs CUDA
-            obs, reward, _, _, info = self._gpu_env.step(actions)  # the base class put them on self.device
-            return (self._gpu_obs(obs), torch.as_tensor(reward, device=self.device).float().reshape(-1),
-                    torch.as_tensor(info["success"], device=self.device).bool().reshape(-1))
-        self._require_open()
-        obs, reward, _, _, info = self._venv.step(actions.numpy().astype(np.float32, copy=False))
-        success = np.asarray(info.get("success", np.zeros(self.num_envs)), dtype=bool).reshape(-1)
-        return (self._cpu_obs(obs),
-                torch.from_numpy(np.asarray(reward, dtype=np.float32).reshape(-1)),
-                torch.from_numpy(success.copy()))
+    def _step(self, actions: Tensor) -> tuple[EnvObs, Tensor, Tensor]:  # pragma: no cover - needs CUDA
+        obs, reward, _, _, info = self._gpu_env.step(actions)  # the base class put them on self.device
+        return (self._gpu_obs(obs), torch.as_tensor(reward, device=self.device).float().reshape(-1),
+                torch.as_tensor(info["success"], device=self.device).bool().reshape(-1))
+
+    def _step_chunk(self, actions: Tensor, live: Tensor):
+        if self._gpu_env is None:
+            self._require_open()
+        return super()._step_chunk(actions, live)  # None on the GPU backend: the base class loops _step
 
     def _require_open(self) -> None:
-        if self._venv is None:
+        if self._pool is None:
             raise RuntimeError("ManiSkillVectorEnv is closed; build a new one")
 
     def close(self) -> None:
@@ -535,7 +565,7 @@ class ManiSkillVectorEnv(VectorEnv):
         fin = getattr(self, "_finalizer", None)
         if fin is not None:
             fin()
-        self._venv = None
+        self._pool = None
         self._gpu_env = None
 
     def __enter__(self) -> Self:
@@ -547,13 +577,10 @@ class ManiSkillVectorEnv(VectorEnv):
     def __repr__(self) -> str:
         rgb = f", cameras={list(self.cameras)}, image_shapes={self.image_shapes}" if self.rgb else ""
         return (f"ManiSkillVectorEnv(task={self.task!r}, control_mode={self.control_mode!r}, "
-                f"num_envs={self.num_envs}, backend={self.backend!r}, obs_mode={self.obs_mode!r}, "
+                f"num_envs={self.num_envs}, num_workers={self.num_workers}, backend={self.backend!r}, obs_mode={self.obs_mode!r}, "
                 f"obs_dim={self.obs_dim}, act_dim={self.act_dim}{rgb})")
 
 
 def _worker_pids(env: ManiSkillVectorEnv) -> list[int]:
     """PIDs of the CPU worker processes (for tests that check nothing leaks)."""
-    if env._venv is None:
-        return []
-    return [p.pid for p in env._venv.processes]
-
+    return env.worker_pids()

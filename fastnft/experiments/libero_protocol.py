@@ -295,7 +295,7 @@ def libero_eval(cfg: Any, policy: Any, *, suites: Sequence[str], out_dir: str | 
         pairs = [pairs[j] for j in order]
         seeds = [seed_for_episode(t, k, cfg.env.eval_seed) for t, k in pairs]
         assert [episode_for_seed(s) for s in seeds] == pairs
-        # evaluate_policy's noise rule (seed 0, the round's first episode seed), per-episode steps kept here
+        # each episode's noise is keyed by this generator and its place in the round; per-episode steps kept here
         _, st = run_episodes(policy, env, sch, seeds, stochastic=False, record=False,
                              generator=make_generator(device, seeds[0]), device=device)
         res = list(zip(st.episode_success.tolist(), st.episode_steps.tolist(), strict=True))

@@ -44,7 +44,8 @@ def variant_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     return dataclasses.replace(out, run_dir=str(Path(cfg.run_dir) / f"ablation_{name}"))
 
 
-def _train_one(cfg: ExperimentConfig, policy_path: Path, env, resume: bool, progress: bool) -> tuple[list, float]:
+def _train_one(cfg: ExperimentConfig, policy_path: Path, env, resume: bool,
+               progress: bool) -> tuple[list, float, dict[str, float]]:
     from fastnft.loop.trainer import StepNFTTrainer
     from fastnft.policies.io import load_policy
 
@@ -52,7 +53,7 @@ def _train_one(cfg: ExperimentConfig, policy_path: Path, env, resume: bool, prog
     t0 = time.time()
     trainer = StepNFTTrainer(cfg, policy, env, resume=resume, progress=progress)
     history = trainer.train()
-    return history, time.time() - t0
+    return history, time.time() - t0, dict(trainer.phase_s)
 
 
 def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, resume: bool = False,
@@ -88,8 +89,8 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
         names = ["stepnft"] + [a for a in (ablations or []) if a != "stepnft"]
         for name in names:
             vcfg = cfg if name == "stepnft" else variant_config(cfg, name)
-            hist, secs = _train_one(vcfg, sft_path, env, resume, progress)
-            runs[name] = {"history": hist, "train_s": secs, "run_dir": vcfg.run_dir}
+            hist, secs, phases = _train_one(vcfg, sft_path, env, resume, progress)
+            runs[name] = {"history": hist, "train_s": secs, "phase_s": phases, "run_dir": vcfg.run_dir}
     finally:
         env.close()
     main = runs["stepnft"]["history"]
@@ -111,7 +112,14 @@ def run_pipeline(cfg: ExperimentConfig, *, ablations: list[str] | None = None, r
         md += ["## Ablations (S8), same SFT start and held-out seeds", "",
                format_table(ablation_rows, [("variant", "variant")] + cols[1:]), ""]
     stages["total_s"] = time.time() - t_start
-    md += [f"stages: {', '.join(f'{k} {v:.0f}' for k, v in stages.items())}"]
+    ph = runs["stepnft"]["phase_s"]
+    for k in ("rollout_env", "rollout_policy", "rollout_other", "update", "diagnostics", "evaluation"):
+        stages[f"{k}_s"] = ph.get(k, 0.0)
+    rollout_s = ph.get("rollout_env", 0.0) + ph.get("rollout_policy", 0.0) + ph.get("rollout_other", 0.0)
+    stages["rollout_env_steps_per_s"] = ph.get("env_steps", 0.0) / max(rollout_s, 1e-9)
+    md += ["Where the time went (wall seconds; the rollout's env steps per second over training episodes):", "",
+           format_table([{"phase": k.removesuffix("_s"), "value": round(v, 1)} for k, v in stages.items()],
+                        [("phase", "phase"), ("value", "seconds (or steps/s)")]), ""]
     plot = plot_success_curves({n: r["history"] for n, r in runs.items()}, run_dir / "success_curve.png",
                                f"{cfg.env.task}: held-out success vs iteration")
     report = {"task": cfg.env.task, "sft": start, "stepnft": final, "gain": {"points": d, "ci95": [lo, hi]},

@@ -28,34 +28,31 @@ def evaluate_policy(policy: FlowPolicy, env: VectorEnv, seeds: list[int], num_st
 
     Args:
         policy: the policy to evaluate (eval mode is set here).
-        env: vector env (reset per round of ``num_envs`` episodes).
+        env: vector env (its slots take the episodes from a queue).
         seeds: held-out episode seeds of this rank.
         num_steps: K denoising steps.
         device: the policy's device; the sampler noise is drawn there.
         seed: seed of the initial sampler noise (fixed so that evaluation is repeatable on one device type).
 
-    The sampler noise of each round of ``env.num_envs`` episodes comes from a generator seeded by ``seed`` and
-    the round's first episode seed. So two policies evaluated on the same seeds see the same initial states AND
-    the same initial noise at each policy call, and their per-episode outcomes can be compared pairwise
-    (:func:`fastnft.report.paired_diff_interval`), which is far tighter than comparing two independent success rates. The
-    pairing holds for evaluations with the same world size, ``env.num_envs`` and device type (they decide which
-    seeds open a round).
+    Every episode draws its initial sampler noise from its own generator, keyed by ``seed`` and the episode's place
+    in ``seeds`` (:func:`fastnft.loop.rollout.run_episodes`). So two policies evaluated on the same seeds see the same
+    initial states AND the same initial noise in each episode, whatever the number of envs or workers, and their
+    per-episode outcomes can be compared pairwise (:func:`fastnft.report.paired_diff_interval`), which is far tighter
+    than comparing two independent success rates. The pairing holds for evaluations with the same world size and
+    device type.
 
     Returns:
         ``{"success_rate", "successes", "episodes", "ci_low", "ci_high" (95 % Wilson), "mean_steps",
         "per_episode": [0/1 per episode, in seed order, all ranks]}``.
     """
     sch = flow_sde_schedule(num_steps, 0.0)
-    succ: list[torch.Tensor] = []
+    mine: list[int] = []
     steps_sum = 0
-    N = env.num_envs
-    for k in range(0, len(seeds), N):
-        gen = make_generator(device, seed * 1_000_003 + seeds[k])
-        _, st = run_episodes(policy, env, sch, seeds[k:k + N], stochastic=False, record=False, generator=gen,
-                             device=device)
-        succ.append(st.episode_success.to(torch.long))
-        steps_sum += int(st.episode_steps.sum())
-    mine = torch.cat(succ).tolist() if succ else []
+    if seeds:
+        _, st = run_episodes(policy, env, sch, seeds, stochastic=False, record=False,
+                             generator=make_generator(device, seed), device=device)
+        mine = st.episode_success.to(torch.long).tolist()
+        steps_sum = int(st.episode_steps.sum())
     gathered = fdist.all_gather_object(mine)
     # ranks hold seeds j % world == rank: interleave back to seed order
     per_episode = [gathered[j % len(gathered)][j // len(gathered)] for j in range(sum(len(g) for g in gathered))]

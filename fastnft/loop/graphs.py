@@ -4,10 +4,12 @@
 ``auto`` = on for CUDA, ``on``, ``off``) the first call for a shape captures the whole sampling call in a
 ``torch.cuda.CUDAGraph``; later calls copy the inputs into static buffers and replay it:
 
-- static inputs (observations ``[N, obs_dim]``, recorded solver indices ``[N]``) and static outputs (the returned
+- static inputs (observations ``[N, obs_dim]``, recorded solver indices ``[N]``, the rollout's per-row noise
+  ``[N, K+1, H, D]`` when given) and static outputs (the returned
   :class:`~fastnft.sde.SampleRecord` is the graph's own output: the next call overwrites it, so copy what you
   keep; the rollout indexes it, which copies);
-- graph-safe random numbers: the sampling generator is a CUDA generator registered with the graph
+- graph-safe random numbers: with the rollout's per-episode noise (``noise=``) nothing is drawn inside the graph;
+  without it the sampling generator is a CUDA generator registered with the graph
   (``CUDAGraph.register_generator_state``), so each replay advances its Philox offset and draws new noise
   (initial noise, SDE noise or the fused step's seed, and solver indices when none are given);
 - the EMA weights are updated in place (:class:`fastnft.engine.ema.EMA`), which the graph reads, so an EMA update
@@ -205,8 +207,8 @@ class GraphedSampler:
             values["step"] = step_index
         if noise is not None:
             values["noise"] = noise
-        key = (kind, step_index is None, noise is None, stochastic, keep_trajectory, id(generator), id(step_fn),
-               schedule.num_steps, schedule.noise_level)
+        key = (kind, step_index is None, noise is None, stochastic, keep_trajectory, id(generator) if draws else None,
+               id(step_fn), schedule.num_steps, schedule.noise_level)
         cap = self._cache.get(key)
         if cap is None:
             cap = self._capture(kind[0], values, schedule, kw)

@@ -1,14 +1,24 @@
 """Rollouts with the EMA policy: Flow-SDE sampling, chunked env execution, S3 tuples and S4 labels.
 
-One *round* resets all N envs with fresh seeds and runs until every episode is over; each policy call samples one
-action chunk per env and stores, for envs whose episode is still running, the S3 tuple of ``steps_per_call``
-solver steps. When the round ends every stored call of an episode gets that episode's label
-``y = 2 * success - 1`` (S4). Calls made after an env's episode ended are not stored (S4's mask).
+The iteration's episodes form a queue (one per seed, in seed order). Each of the env's N slots runs one episode;
+when a slot's episode ends, the slot takes the next episode of the queue at once, so no slot waits for the slowest
+episode of a batch. Each policy call samples one action chunk per slot and stores, for slots whose episode is
+running, the S3 tuple of ``steps_per_call`` solver steps; once every episode has ended, each stored call gets its
+episode's label ``y = 2 * success - 1`` (S4). The buffer lists the rows episode by episode, in seed order.
+
+An episode's outcome depends only on its seed and its own sampler noise: every episode draws its initial noise,
+SDE noise and recorded solver steps from its own generator, keyed by the call's ``generator`` and the episode's
+place in the queue, and policy batches of tensor observations are padded to a multiple of 8 rows (CPU matmuls
+give a row the same bits whatever else is in a batch of such a size, measured in the suite). So the slot or
+worker that runs it, the number of workers and the order in which episodes finish do not change it. An episode
+lost to a simulator worker that died is rerun from its seed with the same noise (at most ``max_attempts`` times);
+its rows from the lost attempt are dropped.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
+from collections import deque
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -16,7 +26,7 @@ from torch import Tensor
 
 from fastnft.config import NFTConfig
 from fastnft.devices import check_generator
-from fastnft.envs.base import VectorEnv
+from fastnft.envs.base import EnvObs, VectorEnv
 from fastnft.policies.base import FlowPolicy
 from fastnft.policies.obs import Obs, obs_cat, obs_index, obs_to
 from fastnft.profiling import PhaseTimers
@@ -74,17 +84,22 @@ class RolloutStats:
     Attributes:
         episodes: finished episodes.
         successes: episodes with success at any step.
-        env_steps: env steps executed (active envs only).
-        policy_calls: stored policy calls (active envs only).
+        env_steps: env steps the episodes used.
+        sim_steps: env steps simulated (a lockstep simulator also steps slots whose episode is over; a worker pool
+            does not, so there ``sim_steps == env_steps`` unless an episode was rerun).
+        episodes_rerun: episodes started again after a simulator worker died.
+        policy_calls: policy calls for running episodes (one row per episode and call).
         episode_success: ``[episodes]`` bool per episode, in seed order.
         episode_steps: ``[episodes]`` int64 env steps per episode.
         episode_score: ``[episodes]`` float32 dense score in [0, 1] per episode (:func:`dense_episode_score`).
-        time: seconds per phase (``rollout/sample``, ``env/step``).
+        time: seconds per phase (``rollout/sample``, ``env/step``, ``env/reset``).
     """
 
     episodes: int = 0
     successes: int = 0
     env_steps: int = 0
+    sim_steps: int = 0
+    episodes_rerun: int = 0
     policy_calls: int = 0
     episode_success: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     episode_steps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -205,13 +220,34 @@ def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Ten
     raise ValueError(f"label control must be 'none', 'shuffled' or 'zero', got {mode!r}")
 
 
-def _choose_steps(n: int, k: int, per_call: int, fixed: int | None, gen: torch.Generator,
-                  device: torch.device) -> Tensor:
-    """``[n, per_call]`` distinct solver indices per call on ``device`` (S3: uniform, fixed across update epochs)."""
+_ROW_BUCKET = 8
+"""Tensor-observation policy batches are padded to a multiple of this many rows (see the module docstring)."""
+
+
+def _mix(key: int, j: int) -> int:
+    """A 63-bit seed for episode ``j`` of a rollout keyed ``key`` (splitmix64 finaliser: nearby inputs give unrelated
+    seeds)."""
+    z = (key * 0x9E3779B97F4A7C15 + (j + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _episode_draws(gen: torch.Generator, K: int, shape: tuple[int, int], per_call: int,
+                   fixed: int | None) -> tuple[Tensor, Tensor]:
+    """One policy call's draws of one episode from its own CPU generator: noise ``[K+1, H, D]`` (initial state, then
+    each step's SDE noise) and ``per_call`` distinct solver indices (S3: uniform; or the fixed one)."""
+    noise = torch.randn((K + 1, *shape), generator=gen)
     if fixed is not None:
-        return torch.full((n, 1), fixed, dtype=torch.long, device=device)
-    check_generator(gen, device, "solver step indices")
-    return torch.rand(n, k, generator=gen, device=device).argsort(dim=1)[:, :per_call]
+        return noise, torch.full((1,), fixed, dtype=torch.long)
+    return noise, torch.rand(K, generator=gen).argsort()[:per_call]
+
+
+def _pad_rows(obs: Obs, rows: int) -> Obs:
+    """A tensor observation padded to ``rows`` rows with copies of its first row; other observations unchanged."""
+    if not isinstance(obs, Tensor) or obs.shape[0] >= rows:
+        return obs
+    return torch.cat([obs, obs[:1].expand(rows - obs.shape[0], *obs.shape[1:])])
 
 
 _ROW_KEYS = ("x_t", "v_old", "x_next", "x0", "step", "episode")
@@ -227,39 +263,30 @@ def _obs_snapshot(obs: Obs) -> Obs:
     return obs  # a per-call context (pi0's cached prefix): built fresh by each encode
 
 
-def _compact_round(rnd: dict[str, list], rows: dict[str, list]) -> None:
-    """Append the kept rows of one round (full ``[N]`` rows per stored solver step, ``keep`` their mask) to
-    ``rows``: one boolean selection for the round (plus one ``tolist`` when the observation holds lists)."""
-    keep = torch.cat(rnd["keep"])
-    idx = torch.arange(keep.numel(), device=keep.device)[keep]  # the round's one sync (a mask, as fake CUDA expects)
-    for k in _ROW_KEYS:
-        rows[k].append(torch.cat(rnd[k]).index_select(0, idx))
-    rows["obs"].append(obs_index(obs_cat(rnd["call_obs"]), torch.cat(rnd["obs_row"]).index_select(0, idx)))
-
-
 @torch.no_grad()
 def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, seeds: list[int], *,
                  stochastic: bool, record: bool, generator: torch.Generator, nft: NFTConfig | None = None,
                  step_fn: StepFn | None = None, timers: PhaseTimers | None = None,
                  device: torch.device | str = "cpu", group_size: int = 1,
                  label_control: str = "none", algo: str = "stepnft", adv_eps: float = 1e-4,
-                 sampler=None) -> tuple[RolloutBuffer | None, RolloutStats]:
-    """Run one episode per seed (in rounds of ``env.num_envs``) with ``policy``.
+                 sampler=None, max_attempts: int = 3) -> tuple[RolloutBuffer | None, RolloutStats]:
+    """Run one episode per seed with ``policy``, the env's slots taking episodes from a queue (module docstring).
 
     Args:
         policy: the rollout policy (EMA weights, any :class:`~fastnft.policies.base.FlowPolicy`); eval mode. With
             ``policy.stores_context`` (pi0's ``prefix_mode: cached``) the buffer keeps each call's encoded context
             instead of its observation.
-        env: the vector env (reused across calls; reset here).
+        env: the vector env (reused across calls; its slots are reset here).
         schedule: K-step Flow-SDE schedule; with ``stochastic=False`` the Euler ODE is used (evaluation).
-        seeds: one seed per episode; ``len(seeds)`` need not be a multiple of ``num_envs`` (the last round
-            runs extra envs on repeated seeds and discards them).
+        seeds: one seed per episode, any number (the same seed twice = two rollouts from one initial state).
         stochastic: Flow-SDE sampling (training) or deterministic ODE (evaluation, S2c).
         record: store S3 tuples and S4 labels.
-        generator: RNG for noise and step indices, on ``device`` (fastnft.devices' draw rule).
+        generator: keys the episodes' own noise generators (one draw per call) and shuffles control labels; on
+            ``device`` (fastnft.devices' draw rule).
         nft: needed when ``record``: ``steps_per_call`` and ``step`` (random / fixed:j).
-        step_fn: SDE step implementation (reference or fused kernel).
-        timers: optional phase timers (``rollout/sample``, ``env/step``).
+        step_fn: SDE step implementation for samplers that draw their own noise (unused here: the rollout passes
+            each episode's SDE noise, and :func:`fastnft.sde.sample_actions` steps with it).
+        timers: optional phase timers (``rollout/sample``, ``env/step``, ``env/reset``).
         device: device of the policy and of the returned buffer (env outputs are moved here; a GPU simulator's
             already live here).
         group_size: consecutive seeds that form one group for ``nft.baseline = group`` (S4 labels).
@@ -267,98 +294,163 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
         algo: ``stepnft`` (S4 labels) or ``grpo`` (``y`` = :func:`grpo_advantages` over groups of
             ``group_size``; the label control then applies to the advantages).
         adv_eps: the advantage's std epsilon (``grpo`` only).
-        sampler: object with ``policy.sample``'s signature (``fastnft.loop.graphs.GraphedSampler``: CUDA-graph replays);
-            None = ``policy.sample``. Its output is only read (indexed, hence copied) before the next call.
+        sampler: object with ``policy.sample``'s signature (``fastnft.loop.graphs.GraphedSampler``: CUDA-graph
+            replays); None = ``policy.sample``. Its output is only read (indexed, hence copied) before the next call.
+        max_attempts: an episode lost to a dead simulator worker this many times stops the rollout.
 
     Returns:
         ``(buffer or None, stats)``.
+
+    Raises:
+        ValueError: ``record`` without ``nft``, unknown ``algo``, or no seeds.
+        RuntimeError: an episode was lost ``max_attempts`` times (the message names its seed and the worker's last
+            log lines), or nothing was recorded.
     """
     if record and nft is None:
         raise ValueError("run_episodes(record=True) needs the NFT config (steps_per_call, step)")
     if algo not in ("stepnft", "grpo"):
         raise ValueError(f"algo must be 'stepnft' or 'grpo', got {algo!r}")
+    if not seeds:
+        raise ValueError("run_episodes needs at least one seed")
     timers = timers or PhaseTimers()
     was_training = policy.training
     policy.eval()
     N, K, C = env.num_envs, schedule.num_steps, policy.n_action_steps
+    E = len(seeds)
     per_call = nft.steps_per_call if nft else 1
     fixed = nft.fixed_step() if nft else None
     store_ctx = bool(getattr(policy, "stores_context", False))
-    rows: dict[str, list] = {k: [] for k in ("obs", "x_t", "v_old", "x_next", "x0", "step", "episode")}
-    ep_success, ep_steps, ep_score = [], [], []
-    stats = RolloutStats()
-    n_rounds = math.ceil(len(seeds) / N)
     device = torch.device(device)
     sch = schedule.to(device=device, dtype=torch.float32)
-    calls = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per call
-    for r in range(n_rounds):
-        round_seeds = seeds[r * N:(r + 1) * N]
-        n_real = len(round_seeds)
-        round_seeds = round_seeds + [round_seeds[-1]] * (N - n_real)
+    shape = (policy.H, policy.D)
+    check_generator(generator, device, "rollout noise key")
+    key = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))  # one draw per rollout
+    sim0 = env.sim_steps
+
+    queue = deque(range(E))
+    attempt = [0] * E
+    slot_ep = [-1] * N  # the episode a slot runs, -1 = idle
+    gens: list[torch.Generator | None] = [None] * N
+    ep_success = [False] * E
+    ep_steps = [0] * E
+    ep_ret = [0.0] * E
+    ep_calls = [0] * E
+    max_calls = -(-env.max_episode_steps // C)
+    reruns = 0
+    calls = 0
+    rnd: dict[str, list] = {k: [] for k in (*_ROW_KEYS, "live", "attempt", "obs_row", "call_obs")}
+
+    def start(slots: list[int]) -> EnvObs:
+        for s in slots:
+            j = queue.popleft()
+            slot_ep[s] = j
+            gens[s] = torch.Generator().manual_seed(_mix(key, j))
+            ep_steps[j], ep_ret[j], ep_calls[j] = 0, 0.0, 0
         with timers.range("env/reset"):
-            obs = env.reset(round_seeds)
-        steps = torch.zeros(N, dtype=torch.long, device=device)
-        ret = torch.zeros(N, device=device)
-        rnd: dict[str, list] = {k: [] for k in (*_ROW_KEYS, "keep", "obs_row", "call_obs")}
-        ep_base = r * N
-        max_calls = math.ceil(env.max_episode_steps / C)
-        for _ in range(max_calls):
-            active = (~env.done).to(device)
-            # One host sync per policy call (C env steps): the loop must know whether any episode still runs.
-            if not bool(active.any()):
-                break
-            with timers.range("rollout/sample"):
-                obs_d = obs_to(obs, device)
-                if store_ctx:  # encode once; the K steps and the buffer share this call's context
-                    obs_d = policy.encode(obs_d)
-                step_idx = _choose_steps(N, K, per_call, fixed, generator, device) if record else None
-                rec = (sampler or policy).sample(obs_d, sch, stochastic=stochastic, generator=generator,
-                                    step_index=None if step_idx is None else step_idx[:, 0],
-                                    step_fn=step_fn, keep_trajectory=record and per_call > 1)
-                actions = policy.to_env_actions(rec.actions[:, :C])  # the env moves them to its device
-            if record:
-                # Full rows now, compacted once per round (_compact_round): a boolean selection per stored
-                # solver step would cost one host sync each. Every row is a copy (advanced indexing or clone):
-                # a graphed sampler reuses its output buffers on the next call.
-                ar = torch.arange(N, device=device)
-                kd = active & (ar < n_real)
-                rnd["call_obs"].append(_obs_snapshot(obs_d))
-                for j in range(step_idx.shape[1]):
-                    si = step_idx[:, j]
-                    if per_call > 1:
-                        x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
-                    else:
-                        x_t, v_old, x_next = rec.x_t.clone(), rec.v_old.clone(), rec.x_next.clone()
-                    for k, val in (("x_t", x_t), ("v_old", v_old), ("x_next", x_next), ("x0", rec.actions.clone()),
-                                   ("step", si), ("episode", ep_base + ar), ("keep", kd),
-                                   ("obs_row", (len(rnd["call_obs"]) - 1) * N + ar)):
-                        rnd[k].append(val)
-                calls += kd.sum()
-            with timers.range("env/step"):
-                res = env.step_chunk(actions)
-            steps += res.steps.to(device)
-            ret += res.reward.float().to(device)
-            obs = res.obs
-        if rnd["keep"]:
-            _compact_round(rnd, rows)
-        succ = env.success_once[:n_real].to(device)
-        ep_success.append(succ)
-        ep_steps.append(steps[:n_real])
-        ep_score.append(dense_episode_score(ret[:n_real], steps[:n_real], succ, env.max_episode_steps))
-        stats.env_steps += int(steps[:n_real].sum())
-    stats.episode_success = torch.cat(ep_success) if ep_success else stats.episode_success
-    stats.episode_steps = torch.cat(ep_steps) if ep_steps else stats.episode_steps
-    stats.episode_score = torch.cat(ep_score) if ep_score else stats.episode_score
-    stats.episodes = int(stats.episode_success.numel())
-    stats.successes = int(stats.episode_success.sum())
+            if env.resets_slots:
+                return env.reset_slots(slots, [seeds[slot_ep[s]] for s in slots])
+            # An env that resets all slots at once: slots without an episode rerun the first one's seed, unrecorded.
+            first = seeds[slot_ep[slots[0]]]
+            return env.reset([seeds[j] if j >= 0 else first for j in slot_ep])
+
+    obs = start(list(range(min(N, E))))
+    B = -(-N // _ROW_BUCKET) * _ROW_BUCKET if isinstance(obs, Tensor) else N
+    while any(j >= 0 for j in slot_ep):
+        live = [j >= 0 for j in slot_ep]
+        with timers.range("rollout/sample"):
+            noise = torch.zeros((B, K + 1, *shape))
+            steps_idx = torch.zeros((B, per_call if fixed is None else 1), dtype=torch.long)
+            for s in range(N):
+                if live[s]:
+                    noise[s], steps_idx[s] = _episode_draws(gens[s], K, shape, per_call, fixed)  # type: ignore[arg-type]
+            noise_d, steps_d = noise.to(device), steps_idx.to(device)
+            obs_d = obs_to(obs, device)
+            if store_ctx:  # encode once; the K steps and the buffer share this call's context
+                obs_d = policy.encode(obs_d)
+            rec = (sampler or policy).sample(_pad_rows(obs_d, B), sch, stochastic=stochastic, generator=generator,
+                                             step_index=steps_d[:, 0], step_fn=step_fn,
+                                             keep_trajectory=record and per_call > 1, noise=noise_d)
+            actions = policy.to_env_actions(rec.actions[:N, :C])  # the env moves them to its device
+        if record:
+            # Full rows now, selected once at the end: a boolean selection per call would cost a host sync each.
+            # Every row is a copy (advanced indexing or clone): a graphed sampler reuses its output buffers.
+            ar = torch.arange(N, device=device)
+            live_d = torch.tensor(live).to(device)
+            ep_d = torch.tensor([max(j, 0) for j in slot_ep]).to(device)
+            att_d = torch.tensor([attempt[j] if j >= 0 else -1 for j in slot_ep]).to(device)
+            rnd["call_obs"].append(_obs_snapshot(obs_d))
+            for k in range(steps_d.shape[1]):
+                si = steps_d[:N, k]
+                if per_call > 1:
+                    x_t, v_old, x_next = rec.states[ar, si], rec.velocities[ar, si], rec.states[ar, si + 1]
+                else:
+                    x_t, v_old, x_next = rec.x_t[:N].clone(), rec.v_old[:N].clone(), rec.x_next[:N].clone()
+                for name, val in (("x_t", x_t), ("v_old", v_old), ("x_next", x_next), ("x0", rec.actions[:N].clone()),
+                                  ("step", si), ("episode", ep_d), ("live", live_d), ("attempt", att_d),
+                                  ("obs_row", (len(rnd["call_obs"]) - 1) * N + ar)):
+                    rnd[name].append(val)
+        calls += sum(live)
+        with timers.range("env/step"):
+            res = env.step_chunk(actions)
+        # One host read per policy call (C env steps): which episodes ended (and how).
+        read = [res.steps.double(), res.reward.double(), res.done.double(), res.success_once.double()]
+        if res.lost is not None:  # only worker pools can lose an episode
+            read.append(res.lost.double())
+        r_steps, r_ret, r_done, r_succ, *r_lost = torch.stack(read).tolist()
+        r_lost = r_lost[0] if r_lost else [False] * N
+        obs = res.obs
+        free = []
+        for s in range(N):
+            j = slot_ep[s]
+            if j < 0:
+                continue
+            if r_lost[s]:
+                attempt[j] += 1
+                reruns += 1
+                if attempt[j] >= max_attempts:
+                    raise RuntimeError(f"episode {j} (seed {seeds[j]}) was lost {attempt[j]} times to a simulator "
+                                       f"worker that died; stopping. Last failure: {env.failures.get(s, '(none)')}")
+                warnings.warn(f"episode {j} (seed {seeds[j]}) lost to a simulator worker that died; rerunning it "
+                              "from its seed with the same noise", RuntimeWarning, stacklevel=2)
+                queue.appendleft(j)
+            else:
+                ep_steps[j] += int(r_steps[s])
+                ep_ret[j] += float(r_ret[s])
+                ep_calls[j] += 1
+                # An episode is over after max_calls chunks whatever the env says (the bound keeps the loop finite
+                # for envs that cannot tell, e.g. fake CUDA tensors without values).
+                if not r_done[s] and ep_calls[j] < max_calls:
+                    continue
+                ep_success[j] = bool(r_succ[s])
+            slot_ep[s], gens[s] = -1, None
+            free.append(s)
+        if free and queue and (env.resets_slots or all(j < 0 for j in slot_ep)):
+            obs = start(free[:len(queue)])
+
+    stats = RolloutStats()
+    stats.episode_success = torch.tensor(ep_success, dtype=torch.bool, device=device)
+    stats.episode_steps = torch.tensor(ep_steps, dtype=torch.long, device=device)
+    stats.episode_score = dense_episode_score(torch.tensor(ep_ret, device=device), stats.episode_steps,
+                                              stats.episode_success, env.max_episode_steps)
+    stats.episodes = E
+    stats.successes = int(sum(ep_success))
+    stats.env_steps = int(sum(ep_steps))
+    stats.sim_steps = int(env.sim_steps - sim0)
+    stats.episodes_rerun = reruns
     stats.policy_calls = int(calls)
     stats.time = timers.summary(reset=False)
     policy.train(was_training)
     if not record:
         return None, stats
-    if not rows["step"]:
+    if not rnd["step"]:
         raise RuntimeError("rollout stored no policy call; check env.max_episode_steps and policy.n_action_steps")
-    buf = {k: obs_cat(v) if k == "obs" else torch.cat(v) for k, v in rows.items()}
+    episode = torch.cat(rnd["episode"])
+    final = torch.tensor(attempt, device=device)
+    keep = torch.cat(rnd["live"]) & (torch.cat(rnd["attempt"]) == final[episode])
+    idx = torch.arange(keep.numel(), device=device)[keep]  # the rollout's one selection (a host sync)
+    idx = idx[torch.sort(episode[idx], stable=True).indices]  # episode by episode, calls in order
+    buf = {k: torch.cat(rnd[k]).index_select(0, idx) for k in _ROW_KEYS}
+    buf["obs"] = obs_index(obs_cat(rnd["call_obs"]), torch.cat(rnd["obs_row"]).index_select(0, idx))
     outcome = stats.episode_score if nft is not None and nft.score == "dense" else stats.episode_success
     if algo == "grpo":
         labels = grpo_advantages(outcome, group_size, adv_eps)  # Flow-GRPO: y is an advantage

@@ -9,6 +9,7 @@ the engine, so the actor and the EMA copy stay identical across ranks.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +34,13 @@ from fastnft.profiling import PhaseTimers, ProfileWindow
 from fastnft.sde import flow_sde_schedule
 
 __all__ = ["StepNFTTrainer"]
+
+log = logging.getLogger(__name__)
+
+PHASES = ("rollout_env", "rollout_policy", "rollout_other", "update", "diagnostics", "evaluation", "env_steps")
+"""Keys of :attr:`StepNFTTrainer.phase_s`: wall seconds of env stepping and resets, policy calls in rollouts, the
+rest of the rollout (recording, labels), actor update + EMA, gradient-signal diagnostics, held-out evaluation; and
+the env steps the training episodes used (a count, for the rollout's env-steps/s)."""
 
 
 def _eval_metrics(ev: dict) -> dict[str, float]:
@@ -89,6 +97,9 @@ class StepNFTTrainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.engine.is_main)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, float]] = []
+        # Wall seconds per phase over the whole run (kept in checkpoints, so a resumed run adds on): where the hour
+        # went, for report.json. Keys: PHASES.
+        self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.start_iter = 0
         last_train_seed = cfg.env.train_seed + cfg.train.iterations * self.world * cfg.train.episodes_per_iter
         if last_train_seed > cfg.env.eval_seed:
@@ -114,6 +125,7 @@ class StepNFTTrainer:
                                   "or start a fresh run_dir")
         self.gen.set_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
         self.history = list(state.get("history", []))
+        self.phase_s.update(state.get("phase_s", {}))
         self.start_iter = it
         self.metrics.truncate_after(it)
 
@@ -122,7 +134,8 @@ class StepNFTTrainer:
         rng = fdist.all_gather_object(self.gen.get_state())
         save_checkpoint(self.run_dir, it, {"actor": actor, "ema": self.ema.state_dict(), "rng": rng,
                                            "rng_device": self.device.type,
-                                           "history": self.history, "config": config_to_dict(self.cfg)},
+                                           "history": self.history, "phase_s": self.phase_s,
+                                           "config": config_to_dict(self.cfg)},
                         fingerprint=self.fingerprint)
 
     # -- seeds ----------------------------------------------------------------------------------------------------
@@ -142,6 +155,13 @@ class StepNFTTrainer:
 
         The sampler noise is the same for every run and seed (``seed=0``), so runs from one start evaluate their
         start identically and their final policies can be compared episode by episode."""
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate()
+        finally:
+            self.phase_s["evaluation"] += time.perf_counter() - t0
+
+    def _evaluate(self) -> dict[str, float]:
         return evaluate_policy(self.ema.module, self.env, self.eval_seeds(), self.cfg.policy.num_steps,
                                device=self.device, seed=0)  # same noise for every run: paired comparisons
 
@@ -157,6 +177,10 @@ class StepNFTTrainer:
                                label_control=cfg.train.label_control, algo=cfg.algo, adv_eps=cfg.grpo.adv_eps)
         t_roll = time.perf_counter() - t0
         assert buf is not None
+        if st.episodes_rerun:
+            log.warning("iteration %d: %d episode(s) lost to a simulator worker that died were rerun from their "
+                        "seeds (%s)", it, st.episodes_rerun, "; ".join(v.splitlines()[0] for v in
+                                                                    self.env.failures.values()))
         # Every rank must take the same number of optimizer steps: trim to the smallest buffer.
         m = fdist.all_reduce(torch.tensor([len(buf)]), tdist.ReduceOp.MIN if tdist.is_available() else None)
         if int(m) < len(buf):
@@ -181,18 +205,34 @@ class StepNFTTrainer:
         with timers.range("actor/ema"):
             self.ema.update(self.engine.module, decay)
         counts = fdist.all_reduce(torch.tensor([st.successes, st.episodes, st.env_steps, len(buf),
-                                                 int((buf.y > 0).sum())], dtype=torch.float64),
+                                                 int((buf.y > 0).sum()), st.sim_steps, st.episodes_rerun],
+                                                dtype=torch.float64),
                                    tdist.ReduceOp.SUM if tdist.is_available() else None)
-        succ, eps, env_steps, rows, pos = counts.tolist()
+        succ, eps, env_steps, rows, pos, sim_steps, rerun = counts.tolist()
+        self._last_env_steps = env_steps
         tm = timers.summary()
+        self._add_phases(tm, t_roll)
         out = {"rollout/success_rate": succ / max(eps, 1), "rollout/episodes": eps, "rollout/samples": rows,
                "labels/positive_share": pos / max(rows, 1), "labels/zero_share": float((buf.y == 0).float().mean()),
                "ema/decay": decay,
-               "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/iteration_s": time.perf_counter() - t0,
+               "rollout/episodes_rerun": rerun,  # episodes lost to a simulator worker that died, rerun
+               "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9), "perf/env_steps": env_steps,
+               "perf/sim_steps": sim_steps, "perf/rollout_s": t_roll, "perf/iteration_s": time.perf_counter() - t0,
                **fresh, **replay, **upd, **tm}
         pol_t = tm.get("time/rollout/sample", 0.0)
         out["perf/policy_share_of_rollout"] = pol_t / max(t_roll, 1e-9)
         return out
+
+    def _add_phases(self, tm: dict[str, float], t_roll: float) -> None:
+        """Add one iteration's phase times (``time/<range>`` seconds from :class:`PhaseTimers`) to :attr:`phase_s`."""
+        env = tm.get("time/env/step", 0.0) + tm.get("time/env/reset", 0.0)
+        pol = tm.get("time/rollout/sample", 0.0)
+        self.phase_s["rollout_env"] += env
+        self.phase_s["rollout_policy"] += pol
+        self.phase_s["rollout_other"] += max(t_roll - env - pol, 0.0)
+        self.phase_s["update"] += tm.get("time/actor/update", 0.0) + tm.get("time/actor/ema", 0.0)
+        self.phase_s["diagnostics"] += tm.get("time/actor/diagnostics", 0.0)
+        self.phase_s["env_steps"] += self._last_env_steps
 
     # -- loop ------------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:

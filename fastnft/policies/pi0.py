@@ -23,7 +23,6 @@ Module names equal openpi's PyTorch model (``paligemma_with_expert.paligemma.*``
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -43,12 +42,11 @@ from fastnft.policies.pi0_checkpoint import load_into, read_checkpoint, write_ch
 from fastnft.policies.pi0_config import Pi0Config
 from fastnft.policies.processor import Pi0Processor
 from fastnft.policies.state_flow import sinusoidal_time_embedding
-from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions, sde_step
+from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions, split_noise
 
 __all__ = ["FP32_UNDER_BF16", "SUPPORTED_TRANSFORMERS", "Pi0Model", "Pi0Policy", "PrefixContext",
            "check_transformers_version", "paligemma_hf_config"]
 
-_SAMPLE_TAKES_STEP_NOISE = "step_noise" in inspect.signature(sample_actions).parameters
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 SUPPORTED_TRANSFORMERS = (5, 6)
@@ -221,24 +219,6 @@ class PrefixContext:
         """Bytes held (the memory cost of ``prefix_mode = cached`` per stored call, times B)."""
         ts = [*self.keys, *self.values, self.valid] + ([self.state] if self.state is not None else [])
         return sum(t.numel() * t.element_size() for t in ts)
-
-
-def _step_noise_kwargs(step_noise: Tensor, step_fn: StepFn | None) -> dict[str, Any]:
-    """``sample_actions`` keywords that make solver step i use ``step_noise[:, i]`` (``[B, K, H, D]``).
-
-    TODO(main, per-episode noise): once :func:`fastnft.sde.sample_actions` takes ``step_noise`` this passes it
-    through (with the caller's ``step_fn``); until then the reference :func:`fastnft.sde.sde_step` is given each
-    step's ``z`` by a step function that counts the K calls (a fixed trip count: capturable), and the fused step
-    is not used on this path.
-    """
-    if _SAMPLE_TAKES_STEP_NOISE:
-        return {"step_noise": step_noise, "step_fn": step_fn}
-    calls = iter(range(step_noise.shape[1]))
-
-    def step(x, v, A, B, std, generator=None):
-        return sde_step(x, v, A, B, std, z=step_noise[:, next(calls)])
-
-    return {"step_fn": step}
 
 
 @contextmanager
@@ -650,26 +630,18 @@ class Pi0Policy(nn.Module):
                 is drawn from ``generator``.
 
         Raises:
-            ValueError: ``noise`` of another shape; as :func:`fastnft.sde.sample_actions`.
+            ValueError: ``noise`` of another shape or device (:func:`fastnft.sde.split_noise`); as
+                :func:`fastnft.sde.sample_actions`.
         """
         ctx = obs if isinstance(obs, PrefixContext) else self.encode(obs)
         # this call's packing is built by its first velocity call (inside a captured graph when graphed), never
         # reused from an earlier call whose valid tokens may differ
         ctx = replace(ctx.with_room(self.cfg.suffix_len), _plans={})
         dev = self.model.action_in_proj.weight.device
-        K = schedule.num_steps
-        if noise is None:
-            x0 = torch.randn((ctx.batch_size, self.H, self.D), generator=generator, device=dev)
-            extra: dict[str, Any] = {}
-        else:
-            if tuple(noise.shape) != (ctx.batch_size, K + 1, self.H, self.D):
-                raise ValueError(f"noise must be [B, K+1, H, D] = {[ctx.batch_size, K + 1, self.H, self.D]}, got "
-                                 f"{list(noise.shape)}")
-            x0 = noise[:, 0]
-            extra = _step_noise_kwargs(noise[:, 1:], step_fn)
-        kw = {"step_fn": step_fn, **extra}
+        x0, step_noise = split_noise(noise, ctx.batch_size, (self.H, self.D), generator, dev)
         return sample_actions(lambda x, t: self.velocity(x, t, ctx), x0, schedule, stochastic=stochastic,
-                              step_index=step_index, generator=generator, keep_trajectory=keep_trajectory, **kw)
+                              step_index=step_index, generator=generator, step_fn=step_fn,
+                              keep_trajectory=keep_trajectory, step_noise=step_noise)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, path: str | Path, layout: str = "lerobot") -> Path:

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from fastnft.atomic import torch_save_atomic
 from fastnft.config import PolicyConfig
-from fastnft.devices import check_generator
 from fastnft.policies.normalizer import Normalizer, StateProcessor
-from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions
+from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn, sample_actions, split_noise
 
 __all__ = ["StateFlowPolicy", "sinusoidal_time_embedding"]
 
@@ -184,7 +183,8 @@ class StateFlowPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, obs: Tensor, schedule: FlowSDESchedule, *, stochastic: bool,
                generator: torch.Generator | None = None, step_index: Tensor | None = None,
-               step_fn: StepFn | None = None, keep_trajectory: bool = False) -> SampleRecord:
+               step_fn: StepFn | None = None, keep_trajectory: bool = False,
+               noise: Tensor | None = None) -> SampleRecord:
         """Sample an action chunk for each observation (SPEC S2; S3 tuple recorded).
 
         Args:
@@ -195,19 +195,20 @@ class StateFlowPolicy(nn.Module):
             step_index: ``[N]`` solver index to record; random when None.
             step_fn: SDE step implementation (reference or fused kernel).
             keep_trajectory: also return every solver state and velocity (for several records per call).
+            noise: ``[N, K+1, H, D]`` float32 standard normals per row (initial state, then each step's SDE noise;
+                :func:`fastnft.sde.split_noise`): the rollout's per-episode noise. None = drawn from ``generator``.
 
         Returns:
             :class:`fastnft.sde.SampleRecord` in normalised units (``actions [N, H, D]``).
 
         Raises:
-            ValueError: ``generator`` lives on another device than ``obs``.
+            ValueError: ``generator`` or ``noise`` lives on another device than ``obs``; ``noise`` of a wrong shape.
         """
-        check_generator(generator, obs, "policy initial noise")
+        x0, step_noise = split_noise(noise, obs.shape[0], (self.H, self.D), generator, obs.device)
         ctx = self.encode(obs)
-        noise = torch.randn((obs.shape[0], self.H, self.D), generator=generator, device=obs.device)
-        return sample_actions(lambda x, t: self.velocity(x, t, ctx), noise, schedule, stochastic=stochastic,
+        return sample_actions(lambda x, t: self.velocity(x, t, ctx), x0, schedule, stochastic=stochastic,
                               step_index=step_index, generator=generator, step_fn=step_fn,
-                              keep_trajectory=keep_trajectory)
+                              keep_trajectory=keep_trajectory, step_noise=step_noise)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that requires grad (the whole expert; the normalisers are buffers): what ZeRO shards and
