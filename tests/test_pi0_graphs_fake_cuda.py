@@ -89,7 +89,9 @@ def test_graphed_tiny_pi0_rollout_and_update_on_fake_cuda(tmp_path, monkeypatch)
     assert len(out["history"]) == 2 and host.inits == [CUDA0]
     _clean(fc)
     assert graphs.captured, "the trainer's sampler captured nothing: pi0 still runs eagerly"
-    assert sum(g.replays for g in graphs.captured) >= 2  # rollout rounds (and evaluation) replay
-    assert all(g is not None and g.device.type == "cuda" for g in graphs.registered)
+    assert all(g.replays >= 1 for g in graphs.captured)  # each capture served at least its own call
+    # the rollout passes per-episode noise and solver indices (nothing drawn: no generator registered); a graph
+    # that draws registers the trainer's CUDA generator
+    assert all(g is None or g.device.type == "cuda" for g in graphs.registered)
     for g in graphs.captured:  # the static output lives on the device
         assert all(t.device == CUDA0 for t in vars(g.out).values() if isinstance(t, torch.Tensor))
