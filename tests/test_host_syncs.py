@@ -27,7 +27,6 @@ from fastnft.sde import flow_sde_schedule, sample_actions
 from fastnft.testing.syncs import SyncCounter
 
 
-
 def _state_policy(**kw) -> StateFlowPolicy:
     torch.manual_seed(0)
     return StateFlowPolicy(3, 2, PolicyConfig(horizon=6, n_action_steps=4, width=16, depth=1, heads=2, num_steps=4,

@@ -110,7 +110,7 @@ def test_velocity_compiles_fullgraph(_no_recompile, variant):
     pol = _policy(variant)
     B = 3
     ctx = pol.encode(_inputs(pol.cfg, B, 0)).with_room(pol.cfg.suffix_len)
-    vel = lambda x, t: pol.velocity(x, t, ctx)  # noqa: E731
+    vel = lambda x, t: pol.velocity(x, t, ctx)
     with torch.no_grad():  # warm-up, as before a capture: the block layouts are built (host-to-device) and cached
         vel(torch.zeros(B, pol.H, pol.D), torch.ones(B))
     compiled = torch.compile(vel, fullgraph=True, dynamic=False, backend="eager")
@@ -172,7 +172,7 @@ def test_replays_equal_eager_for_new_batches_and_after_an_ema_update(monkeypatch
     sampler = GraphedSampler(pol, "on", graphs=graphs)
     assert sampler.enabled
     sch, gen = flow_sde_schedule(4, 0.2), torch.Generator().manual_seed(1)
-    obs = lambda B, seed: _inputs(pol.cfg, B, seed) if kind == "inputs" else pol.encode(_inputs(pol.cfg, B, seed))  # noqa: E731
+    obs = lambda B, seed: _inputs(pol.cfg, B, seed) if kind == "inputs" else pol.encode(_inputs(pol.cfg, B, seed))
     for call, seed in enumerate((0, 1, 2)):
         if call == 2:
             with torch.no_grad():  # the EMA update: in place, seen by the next replay without recapture

@@ -230,7 +230,7 @@ class GraphedSampler:
         graphs, keep = [], [sch]
         if kind == "inputs":  # the prefix encode, graphed per shape, writes the context the loop graph reads
             inputs = {name[3:]: t for name, t in statics.items() if name.startswith("in:")}
-            encode = lambda: self.policy.model.encode(inputs)  # noqa: E731
+            encode = lambda: self.policy.model.encode(inputs)
             self.graphs.warmup(encode, self.device, self.warmup)
             g_enc, ctx = self.graphs.capture(encode, None)
             graphs.append(g_enc)
@@ -241,7 +241,7 @@ class GraphedSampler:
         else:
             src = statics["obs"]
         step = statics.get("step")
-        loop = lambda: self.policy.sample(src, sch, step_index=step, **loop_kw)  # noqa: E731
+        loop = lambda: self.policy.sample(src, sch, step_index=step, **loop_kw)
         state = gen.get_state() if gen is not None else None
         self.graphs.warmup(loop, self.device, self.warmup)
         if gen is not None:

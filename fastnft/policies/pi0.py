@@ -35,8 +35,15 @@ import transformers
 from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-from fastnft.policies.attention import (BlockLayout, VarlenPlan, apply_rope, attend, block_mask, resolve_backend,
-                                        varlen_plan)
+from fastnft.policies.attention import (
+    BlockLayout,
+    VarlenPlan,
+    apply_rope,
+    attend,
+    block_mask,
+    resolve_backend,
+    varlen_plan,
+)
 from fastnft.policies.gemma_expert import GemmaExpert, norm_forward
 from fastnft.policies.pi0_checkpoint import load_into, read_checkpoint, write_checkpoint
 from fastnft.policies.pi0_config import Pi0Config
@@ -387,7 +394,7 @@ class Pi0Model(nn.Module):
         """
         layers = self.vlm.model.language_model.layers
         theta = self.cfg.vlm.rope_theta
-        B, P = valid.shape
+        P = valid.shape[1]
         S = self.cfg.suffix_len
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         lay = self.block_layout("prefix", P, emb.device)
@@ -471,7 +478,7 @@ class Pi0Model(nn.Module):
         call, a context without buffers, or an fp32 prefix under bf16 autocast) K, V are concatenated into new
         tensors and the context is only read.
         """
-        emb, blocks, cond = self.embed_suffix(ctx.state, x_t, t)
+        emb, _, cond = self.embed_suffix(ctx.state, x_t, t)
         B, S, _ = emb.shape
         P = ctx.prefix_len
         n_pre = ctx.valid.long().sum(1, keepdim=True)
