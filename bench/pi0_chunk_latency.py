@@ -113,6 +113,8 @@ def test_chunk_latency(benchmark, variant, size, batch, mode):
     with torch.no_grad():
         rounds = 20 if _DEVICE.type == "cuda" else 3
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=3 if mode != "eager" else 1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the calls ran once, nothing was timed
+        return
     med_ms = benchmark.stats.stats.median * 1e3
     benchmark.extra_info.update({"variant": variant, "size": size, "batch": batch, "mode": mode, "K": K,
                                  "median_ms": med_ms})
