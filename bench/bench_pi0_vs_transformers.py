@@ -7,7 +7,8 @@ Two timings, each fastnft vs transformers 5.x (``transformers.models.pi0``, a po
 - policy call: prefix once, then K = 4 and 10 Euler denoising steps, batch 1 and 16. fastnft: ``Pi0Policy.sample``
   (``stochastic=False``, i.e. the Euler ODE of ``fastnft.sde``); transformers: ``sample_actions(num_steps=K)``.
   Both reuse the prefix keys / values across the K steps (transformers keeps them in a ``DynamicCache`` that it crops
-  after each step; fastnft in an immutable :class:`fastnft.policies.pi0.PrefixContext`).
+  after each step; fastnft in the static buffers of a
+  :class:`fastnft.policies.pi0.PrefixContext`).
 - where the policy call's time goes, per batch: the prefix alone (SigLIP + the language model's keys / values) and
   one denoising step over the cached prefix (transformers: ``forward(cache=...)`` and the cache crop).
 - training step (batch 16): fastnft's StepNFT update step on one micro-batch (velocity of the current policy,

@@ -18,7 +18,8 @@ import os
 
 import torch
 
-__all__ = ["check_generator", "check_precision", "local_rank", "make_generator", "resolve_device"]
+__all__ = ["PinnedStager", "check_generator", "check_precision", "egl_device_id", "local_rank", "make_generator",
+           "resolve_device"]
 
 
 def local_rank() -> int:
@@ -100,3 +101,64 @@ def check_precision(device: torch.device | str, dtype: str) -> None:
     if major < 8:
         raise ValueError(f"engine.dtype: bfloat16 needs a GPU of compute capability >= 8.0 (Ampere or newer); {dev} "
                          f"is sm_{major}{minor}. Fix: set engine.dtype: float32")
+
+
+def egl_device_id(device: torch.device | str, visible: str | None = None) -> str | None:
+    """``MUJOCO_EGL_DEVICE_ID`` for simulators that render on ``device``'s GPU (the rank's own: co-location).
+
+    CUDA numbers the visible devices from 0; EGL numbers every GPU of the machine. So the physical index is entry
+    ``device.index`` of ``CUDA_VISIBLE_DEVICES`` when that is a list of integers, else ``device.index``. EGL's
+    order can still differ from CUDA's unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (unverified on a GPU: docs/gpu.md).
+
+    Args:
+        device: the rank's device. visible: ``CUDA_VISIBLE_DEVICES`` (default: read from the environment).
+
+    Returns:
+        The id as a string, or None for a non-CUDA device or a ``CUDA_VISIBLE_DEVICES`` of UUIDs (leave MuJoCo's
+        default).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    index = dev.index or 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if not visible:
+        return str(index)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if index >= len(ids) or not ids[index].isdigit():
+        return None
+    return ids[index]
+
+
+class PinnedStager:
+    """Host frames -> ``device`` through reused page-locked buffers and non-blocking copies.
+
+    ``stage(name, x)`` copies the host tensor ``x`` into a pinned buffer kept per ``(name, shape, dtype)`` and
+    starts an asynchronous copy to ``device`` (the host does not wait for it; work queued after it on the current
+    stream sees the data). A buffer is reused only after the previous copy out of it finished (an event per
+    buffer), so a frame is never overwritten while in flight. On a non-CUDA device it returns ``x.to(device)``.
+
+    Args:
+        device: the policy's device.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._bufs: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+    def stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (host tensor, any shape / dtype) on ``self.device``; same values."""
+        if self.device.type != "cuda" or x.device.type != "cpu":
+            return x.to(self.device)
+        key = (name, tuple(x.shape), x.dtype)
+        buf, done = self._bufs.get(key, (None, None))
+        if buf is None:
+            buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        elif done is not None:
+            done.synchronize()  # the previous copy out of this buffer has finished (usually long ago)
+        buf.copy_(x)
+        out = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._bufs[key] = (buf, event)
+        return out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastnft.doctor.checks import CHECKS, NO_CUDA, UNCOVERED
@@ -116,3 +117,21 @@ def test_pi0_zero3_row_runs_on_cpu(tmp_path):
                           env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "1 iteration, loss" in proc.stdout and "frozen tensors whole in the EMA copy" in proc.stdout
+
+
+def test_pi0_cuda_graph_row_skips_on_cpu_and_its_checks_run_with_the_cpu_graph_stand_in():
+    """Issue 22: the row is a GPU row that skips here with the reason; its comparison code runs on CPU through the
+    CPU stand-in of CUDA graphs (replays must equal eager exactly there)."""
+    from fastnft.doctor import pi0_graphs
+    from fastnft.doctor.common import NO_CUDA, Skip
+    from fastnft.testing.graphs import RecordingGraphs
+
+    row = {c.name: c for c in CHECKS}["pi0_cuda_graph"]
+    assert row.gpu and row.isolate
+    if not torch.cuda.is_available():
+        with pytest.raises(Skip, match=NO_CUDA.split(" (")[0]):
+            pi0_graphs.pi0_cuda_graph()
+    graphs = RecordingGraphs()
+    r = pi0_graphs.graph_vs_eager(torch.device("cpu"), "float32", depth=2, K=2, B=2, graphs=graphs, reps=1)
+    assert r["max_abs"] == 0.0 and r["captures"] == 2 and r["eager_ms"] > 0 and r["graphed_ms"] > 0
+    assert [g.replays for g in graphs.captured] == [3, 3, 3 + 1]  # encode + loop (dicts), loop (contexts) + timing

@@ -253,6 +253,16 @@ def _first_run(name: str):
     return run
 
 
+def _pi0_graphs(name: str):
+    """A check of :mod:`fastnft.doctor.pi0_graphs`, imported when it runs."""
+    def run() -> str:
+        from fastnft.doctor import pi0_graphs
+
+        return getattr(pi0_graphs, name)()
+    run.__doc__ = f"fastnft.doctor.pi0_graphs.{name}"
+    return run
+
+
 CHECKS = [
     Check("environment", environment, False, "versions and devices", isolate=False),
     Check("driver_and_ptxas", _first_run("driver_and_ptxas"), False,
@@ -280,6 +290,9 @@ CHECKS = [
           "tiny pi0, attention auto, bf16: flash-attn where installed, velocity equals SDPA's (bf16 tolerance)"),
     Check("pi0_zero3", _first_run("pi0_zero3_cuda"), True,
           "tiny pi0, ZeRO-3, one GPU: 1 iteration (rollout, update, EMA); frozen prefix whole in the EMA copy"),
+    Check("pi0_cuda_graph", _pi0_graphs("pi0_cuda_graph"), True,
+          "pi0, 18+18 layers (tiny widths), K 10, batch 1: graphed == eager (fp32 1e-5, bf16 1e-2 relative), no "
+          "host sync in replays, chunk latency eager vs graphed"),
     Check("maniskill_gpu_seeding", _first_run("maniskill_gpu_seeding"), True,
           "ManiSkill GPU scene: reset([5, 5, 7, 7]) gives equal rows pairwise (group baseline / GRPO need it)"),
 ]
@@ -289,7 +302,8 @@ UNCOVERED = [
     "pi0 / pi0.5 at full size (a real 3B checkpoint): memory, speed and flash-attn numerics at head dim 256",
     "pi0 on the ManiSkill GPU scene with GPU-rendered cameras (pi0 rows use synthetic frames)",
     "ZeRO-3 (and any ZeRO stage with pi0) across 2 or more GPUs; more than 2 ranks; multi-node",
-    "CUDA graphs with pi0 (the cuda_graph row captures the state policy)",
+    "CUDA graphs with pi0 at full size (pi0_cuda_graph captures a real-depth, tiny-width pi0; the full-size chunk "
+    "latency is bench/pi0_chunk_latency.py's, not a doctor row)",
     "learning on a GPU: no row checks that success rises, only that the paths run and agree with references",
     "host syncs per pi0 policy call and per rollout round on a GPU (counted on CPU by the tests only)",
     "GPUs older than Ampere (sm_70 / sm_75): bf16 and flash-attn are refused there by config checks, never run",

@@ -18,14 +18,19 @@
   require grad, and the EMA copy requires none (a policy whose weights do would replay stale casts);
 - no host sync inside the captured region (the GPU tests check it with ``torch.cuda.set_sync_debug_mode``).
 
-On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state.
-Observations that are not one tensor (pi0's dicts of frames, state and instruction, or its prefix context) always
-run eagerly: the processor tokenises the instruction on the host, which a graph cannot capture.
+pi0 / pi0.5 are graphed too (issue 22): a prefix context (``prefix_mode: cached``) is copied into a static context
+and one graph replays the K-step loop; an observation dict is tokenised on the host (a graph cannot capture that),
+its tensors copied into static inputs, and two graphs replay: the prefix encode into static prefix buffers, then the
+K-step loop (:class:`GraphedSampler`). Pre-drawn noise (``noise [N, K+1, H, D]``) is one more static input.
+
+On CPU, or with graphs off, the same calls run eagerly with the same results for the same generator state; the
+capture logic runs on CPU through a stand-in of the graph mechanism (:mod:`fastnft.testing.graphs`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,7 +38,7 @@ from torch import Tensor
 from fastnft.policies.base import FlowPolicy
 from fastnft.sde import FlowSDESchedule, SampleRecord, StepFn
 
-__all__ = ["GraphMode", "GraphedSampler", "graphs_enabled"]
+__all__ = ["CudaGraphs", "GraphMode", "GraphedSampler", "graphs_enabled"]
 
 GraphMode = Literal["auto", "on", "off"]
 
@@ -54,22 +59,90 @@ def graphs_enabled(mode: GraphMode, device: torch.device | str) -> bool:
     return is_cuda and mode != "off"
 
 
-class _Capture:
-    """One captured sampling call: the graph, its static inputs and its static output."""
+class CudaGraphs:
+    """The CUDA-graph mechanism :class:`GraphedSampler` drives (``torch.cuda.CUDAGraph``); a CPU stand-in with the
+    same three methods (:class:`fastnft.testing.graphs.RecordingGraphs`) lets CPU tests run the capture logic.
 
-    def __init__(self, graph, obs: Tensor, step: Tensor | None, noise: Tensor | None, out: SampleRecord,
-                 schedule: FlowSDESchedule):
-        self.graph, self.obs, self.step, self.noise, self.out = graph, obs, step, noise, out
-        self.schedule = schedule  # the graph reads these tensors: keep them alive
+    Raises:
+        RuntimeError: (``check``) a torch without ``CUDAGraph.register_generator_state``.
+    """
+
+    device_type = "cuda"
+
+    def check(self) -> str | None:
+        """None when usable, else why not."""
+        if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return ("rollout.cuda_graphs=on needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5) so "
+                    "that each replay draws new noise; upgrade torch or set off")
+        return None
+
+    def warmup(self, fn: Callable[[], Any], device: torch.device, n: int) -> None:
+        """``n`` eager calls on a side stream (allocator, cuBLAS handles, Triton compilation)."""
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(n):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def capture(self, fn: Callable[[], Any], generator: torch.Generator | None, pool=None) -> tuple[Any, Any]:
+        """Capture ``fn()`` -> ``(graph, its output)``; ``graph.replay()`` reruns it on the same memory."""
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph, out
+
+
+_GRAPHS: CudaGraphs = CudaGraphs()
+"""The mechanism a :class:`GraphedSampler` uses when none is given (tests replace it with the CPU stand-in)."""
+
+
+class _Capture:
+    """One captured sampling call: its graphs (replayed in order), static inputs and static output.
+
+    ``inputs`` maps a name to the static tensor a call's value is copied into (or a :class:`PrefixContext`);
+    ``keep`` holds what the graphs read that must stay alive (schedule tensors, the encode graph's output)."""
+
+    def __init__(self, graphs: list, inputs: dict[str, Any], out: SampleRecord, keep: tuple) -> None:
+        self.graphs, self.inputs, self.out, self.keep = graphs, inputs, out, keep
+
+    def copy_in(self, values: dict[str, Any]) -> None:
+        for name, static in self.inputs.items():
+            value = values[name]
+            if isinstance(static, Tensor):
+                static.copy_(value)
+            else:
+                static.copy_from(value)  # a PrefixContext
+
+    def replay(self) -> SampleRecord:
+        for g in self.graphs:
+            g.replay()
+        return self.out
 
 
 class GraphedSampler:
     """``policy.sample`` captured in a CUDA graph per shape (see the module docstring); eager where graphs are off.
 
+    Three kinds of observation are graphed, each through static inputs copied in before the replay:
+
+    - one tensor (the state policy): ``obs [N, obs_dim]``;
+    - a pi0 :class:`~fastnft.policies.pi0.PrefixContext` (``prefix_mode = cached``): copied into a static context
+      with suffix room (:meth:`PrefixContext.static_like`); one graph: the K-step loop;
+    - a pi0 observation dict: tokenised and normalised on the host (:meth:`Pi0Policy.process`), its tensors copied
+      into static inputs; two graphs replayed in order: the prefix encode (images, language model -> static
+      context) and the K-step loop reading that context.
+
+    plus the recorded solver indices ``[N]`` and pre-drawn noise ``[N, K+1, H, D]`` when given. The sampling
+    generator is registered with every graph that draws (none draws when ``noise`` and ``step_index`` are given).
+
     Args:
         policy: the rollout (EMA) policy on its device; its parameters must be updated in place only.
         mode: ``rollout.cuda_graphs`` (``auto`` | ``on`` | ``off``).
         warmup: eager calls on a side stream before a capture (lazy initialisation, Triton compilation).
+        graphs: the graph mechanism (default :class:`CudaGraphs`; tests pass a CPU stand-in, which also enables
+            graphs on its device type).
 
     Attributes:
         enabled: graphs in use. captures: number of captures so far (one per distinct shape/variant).
@@ -79,14 +152,16 @@ class GraphedSampler:
             replay would then repeat the same noise).
     """
 
-    def __init__(self, policy: FlowPolicy, mode: GraphMode = "auto", warmup: int = 2) -> None:
+    def __init__(self, policy: FlowPolicy, mode: GraphMode = "auto", warmup: int = 2, graphs=None) -> None:
         self.policy = policy
         self.device = next(policy.parameters()).device
-        self.enabled = graphs_enabled(mode, self.device)
-        if self.enabled and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        self.graphs = graphs or _GRAPHS
+        on_device = self.device.type == self.graphs.device_type
+        self.enabled = graphs_enabled(mode, "cuda" if on_device else self.device)
+        why = self.graphs.check() if self.enabled else None
+        if why is not None:
             if mode == "on":
-                raise RuntimeError("rollout.cuda_graphs=on needs torch.cuda.CUDAGraph.register_generator_state "
-                                   "(torch >= 2.5) so that each replay draws new noise; upgrade torch or set off")
+                raise RuntimeError(why)
             self.enabled = False
         self.warmup = warmup
         self.captures = 0
@@ -103,54 +178,78 @@ class GraphedSampler:
 
         Raises:
             ValueError: as :meth:`FlowPolicy.sample`; a graphed call that draws (no ``noise``, or no
-                ``step_index``) also needs a CUDA ``generator``.
+                ``step_index``) needs a ``generator`` on the graph's device type.
         """
-        kw = {"stochastic": stochastic, "generator": generator, "step_fn": step_fn, "keep_trajectory": keep_trajectory}
-        if not self.enabled or not isinstance(obs, Tensor):
-            return self.policy.sample(obs, schedule, step_index=step_index, noise=noise, **kw)
+        kw: dict[str, Any] = {"stochastic": stochastic, "generator": generator, "step_fn": step_fn,
+                              "keep_trajectory": keep_trajectory}
+        if noise is not None:
+            kw["noise"] = noise  # only when given: a policy without the keyword keeps working
+        if not self.enabled:
+            return self.policy.sample(obs, schedule, step_index=step_index, **kw)
         draws = noise is None or step_index is None
-        if draws and (generator is None or generator.device.type != "cuda"):
-            raise ValueError("a graphed sampling call that draws random numbers needs a CUDA generator "
-                             "(fastnft.devices.make_generator) to register with the graph; the default generator's "
-                             "draws would repeat per replay")
-        key = (tuple(obs.shape), obs.dtype, step_index is None, noise is None, stochastic, keep_trajectory,
-               id(generator) if draws else None, id(step_fn), schedule.num_steps, schedule.noise_level)
+        if draws and (generator is None or generator.device.type != self.graphs.device_type):
+            raise ValueError("a graphed sampling call needs a CUDA generator (fastnft.devices.make_generator) to "
+                             "register with the graph; the default generator's draws would repeat per replay")
+        values: dict[str, Any] = {}
+        if isinstance(obs, Tensor):
+            values["obs"] = obs
+            kind = ("tensor", tuple(obs.shape), obs.dtype)
+        elif isinstance(obs, dict) and hasattr(self.policy, "process"):
+            proc = self.policy.process(obs)  # host-side tokenisation: outside the graph
+            values.update({f"in:{k}": v for k, v in proc.items() if isinstance(v, Tensor)})
+            kind = ("inputs", tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(values.items())))
+        elif hasattr(obs, "static_like"):  # a prefix context
+            values["ctx"] = obs
+            kind = ("ctx", tuple(obs.valid.shape), len(obs.keys), obs.keys[0].dtype, obs.state is None)
+        else:
+            return self.policy.sample(obs, schedule, step_index=step_index, **kw)
+        if step_index is not None:
+            values["step"] = step_index
+        if noise is not None:
+            values["noise"] = noise
+        key = (kind, step_index is None, noise is None, stochastic, keep_trajectory, id(generator) if draws else None,
+               id(step_fn), schedule.num_steps, schedule.noise_level)
         cap = self._cache.get(key)
         if cap is None:
-            cap = self._capture(obs, schedule, step_index, noise, kw, draws)
+            cap = self._capture(kind[0], values, schedule, kw)
             self._cache[key] = cap
-        cap.obs.copy_(obs)
-        if cap.step is not None:
-            cap.step.copy_(step_index)
-        if cap.noise is not None:
-            cap.noise.copy_(noise)
-        cap.graph.replay()
-        return cap.out
+        cap.copy_in(values)
+        return cap.replay()
 
-    def _capture(self, obs: Tensor, schedule: FlowSDESchedule, step_index: Tensor | None, noise: Tensor | None,
-                 kw: dict, draws: bool) -> _Capture:
-        sch = schedule.to(device=obs.device, dtype=torch.float32)
-        static_obs = obs.clone()
-        static_step = None if step_index is None else step_index.clone()
-        static_noise = None if noise is None else noise.clone()
-        gen = kw["generator"] if draws else None
-        if not draws:
-            kw = {**kw, "generator": None}  # nothing is drawn: no generator state to register
-        side = torch.cuda.Stream(device=obs.device)
-        side.wait_stream(torch.cuda.current_stream(obs.device))
+    def _capture(self, kind: str, values: dict[str, Any], schedule: FlowSDESchedule, kw: dict) -> _Capture:
+        sch = schedule.to(device=self.device, dtype=torch.float32)
+        statics: dict[str, Any] = {}
+        for name, v in values.items():
+            if name != "ctx":
+                statics[name] = v.clone()
+        gen = kw["generator"]
+        draws = "noise" not in values or "step" not in values
+        loop_kw = {**kw, "generator": gen if draws else None}
+        if "noise" in statics:
+            loop_kw["noise"] = statics["noise"]
+        graphs, keep = [], [sch]
+        if kind == "inputs":  # the prefix encode, graphed per shape, writes the context the loop graph reads
+            inputs = {name[3:]: t for name, t in statics.items() if name.startswith("in:")}
+            encode = lambda: self.policy.model.encode(inputs)
+            self.graphs.warmup(encode, self.device, self.warmup)
+            g_enc, ctx = self.graphs.capture(encode, None)
+            graphs.append(g_enc)
+            keep.append(ctx)
+            src = ctx
+        elif kind == "ctx":
+            src = statics["ctx"] = values["ctx"].static_like(self.policy.cfg.suffix_len)
+        else:
+            src = statics["obs"]
+        step = statics.get("step")
+        loop = lambda: self.policy.sample(src, sch, step_index=step, **loop_kw)
         state = gen.get_state() if gen is not None else None
-        with torch.cuda.stream(side):  # warm-up off the capture: allocator, cuBLAS handles, Triton compilation
-            for _ in range(self.warmup):
-                self.policy.sample(static_obs, sch, step_index=static_step, noise=static_noise, **kw)
-        torch.cuda.current_stream(obs.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        self.graphs.warmup(loop, self.device, self.warmup)
         if gen is not None:
             gen.set_state(state)  # the warm-up must not consume the rollout's random stream
-            graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
-            out = self.policy.sample(static_obs, sch, step_index=static_step, noise=static_noise, **kw)
+        g_loop, out = self.graphs.capture(loop, gen if draws else None)
+        graphs.append(g_loop)
         self.captures += 1
-        return _Capture(graph, static_obs, static_step, static_noise, out, sch)
+        return _Capture(graphs, statics, out, tuple(keep))
 
     def clear(self) -> None:
         """Drop every capture (e.g. after the policy's parameters were replaced rather than updated in place)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available", "flash_fits", "resolve_backend",
+__all__ = ["BlockLayout", "VarlenPlan", "apply_rope", "attend", "block_mask", "flash_available", "flash_fits", "resolve_backend",
            "varlen_plan"]
 
 
@@ -115,14 +115,51 @@ def _flash_varlen() -> VarlenFn:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """The block ids of one attention layout, on the host and on the device, built once and reused.
+
+    The host copy lets :func:`varlen_plan` pack without reading device tensors; the device tensors are created
+    here (a host-to-device copy, not allowed inside a CUDA-graph capture), so build layouts outside captured code
+    and keep them (pi0 caches one per device and prefix length).
+
+    Attributes:
+        q_ids, k_ids: host block id of every query / key (tuples of ints).
+        q_block: ``[Sq]`` int64, k_block: ``[Sk]`` int64 on the device.
+        q_idx: per distinct query block (ascending ids): ``[nq]`` int64 device positions of its queries.
+    """
+
+    q_ids: tuple[int, ...]
+    k_ids: tuple[int, ...]
+    q_block: Tensor
+    k_block: Tensor
+    q_idx: tuple[Tensor, ...]
+
+    @classmethod
+    def build(cls, q_ids, k_ids, device: torch.device | str) -> BlockLayout:
+        """From host sequences of block ids (ints)."""
+        q_ids, k_ids = tuple(int(b) for b in q_ids), tuple(int(b) for b in k_ids)
+        q_idx = tuple(torch.tensor([i for i, x in enumerate(q_ids) if x == b], dtype=torch.long, device=device)
+                      for b in sorted(set(q_ids)))
+        return cls(q_ids, k_ids, torch.tensor(q_ids, dtype=torch.long, device=device),
+                   torch.tensor(k_ids, dtype=torch.long, device=device), q_idx)
+
+    @classmethod
+    def from_tensors(cls, q_block: Tensor, k_block: Tensor) -> BlockLayout:
+        """From device tensors of block ids: reads them on the host (two syncs on a GPU)."""
+        return cls.build(q_block.tolist(), k_block.tolist(), q_block.device)
+
+
+@dataclass(frozen=True)
 class VarlenBlock:
     """One query block of a :class:`VarlenPlan`: which queries, and where each sample's visible keys sit.
 
     Attributes:
         q_idx: ``[nq]`` int64 positions of the block's queries; ``nq`` its length (a host int).
-        k_b, k_s: ``[total_k]`` int64 sample and key position of every packed key (sample-major).
+        k_b, k_s: ``[B * Sk]`` int64 sample and key position of every packed key slot (sample-major: sample b's
+            visible keys, in order, fill slots ``cu_k[b] .. cu_k[b + 1]``; the slots after ``cu_k[B]`` are unused
+            and point at key 0).
         cu_q, cu_k: ``[B + 1]`` int32 cumulative query / key counts (flash-attn's ``cu_seqlens``).
-        max_k: longest visible key sequence (host int, flash-attn's ``max_seqlen_k``).
+        max_k: an upper bound of the visible key sequence lengths (host int, flash-attn's ``max_seqlen_k``): ``Sk``.
     """
 
     q_idx: Tensor
@@ -136,44 +173,56 @@ class VarlenBlock:
 
 @dataclass(frozen=True)
 class VarlenPlan:
-    """The flash backend's packing of one block-causal layout, computed once (host syncs here only) and reused
-    by every layer and every call with the same layout (:func:`varlen_plan`)."""
+    """The flash backend's packing of one block-causal layout, computed once per layout and reused by every layer
+    and every call with the same layout (:func:`varlen_plan`). Its tensor shapes depend only on ``[B, Sk]`` and
+    the block ids, never on which keys are valid, so one CUDA graph serves every call of a shape."""
 
     blocks: tuple[VarlenBlock, ...]
     batch: int
     num_keys: int
 
 
-def varlen_plan(q_block: Tensor, k_block: Tensor, key_valid: Tensor) -> VarlenPlan:
+def varlen_plan(q_block: Tensor, k_block: Tensor, key_valid: Tensor, layout: BlockLayout | None = None) -> VarlenPlan:
     """Packing of the block-causal layout ``(q_block, k_block, key_valid)`` (see :func:`block_mask`).
 
-    It reads the block ids and the valid-key counts on the host (``unique``, ``nonzero``, one ``max`` per block),
-    so compute it once per layout: pi0 computes it once per prefix (per :meth:`encode`) for the prefix layers
-    and once per prefix for the expert's suffix layout, not per layer or per velocity call.
+    Device ops only, with static shapes: sample b's visible keys are scattered to slots ``cu_k[b] + rank`` of a
+    ``B * Sk`` slot array (``rank`` = running count of visible keys, a cumsum), and ``max_k = Sk`` is a host bound
+    (flash-attn sizes its grid with it; the true lengths are in ``cu_k``). So with ``layout`` given (the block ids
+    on the host) there is no host sync and the plan can be built inside a CUDA-graph capture; without it the block
+    ids are read on the host once (:meth:`BlockLayout.from_tensors`).
+
+    Args:
+        q_block: ``[Sq]`` int64; k_block: ``[Sk]`` int64; key_valid: ``[B, Sk]`` bool.
+        layout: the same block ids as a :class:`BlockLayout` (preferred: no host read).
 
     Returns:
         :class:`VarlenPlan` on ``key_valid``'s device.
     """
+    layout = layout or BlockLayout.from_tensors(q_block, k_block)
     B, Sk = key_valid.shape
     dev = key_valid.device
+    kb_dev = layout.k_block.to(dev)
+    flat = torch.arange(B * Sk, device=dev)
     blocks = []
-    for b in torch.unique(q_block).tolist():
-        qi = (q_block == b).nonzero().squeeze(1).to(dev)
-        nq = int(qi.numel())
-        vis = (k_block.to(dev) <= b)[None, :] & key_valid  # [B, Sk]
+    for b, qi in zip(sorted(set(layout.q_ids)), layout.q_idx, strict=True):
+        nq = int(qi.numel())  # host metadata: no sync
+        vis = (kb_dev <= b)[None, :] & key_valid  # [B, Sk]
         # a sample whose visible keys are all padding (a padded prefix) keeps every key: finite, unused output
         vis = vis | ~vis.any(-1, keepdim=True)
         lens_k = vis.sum(-1).to(torch.int32)
-        kb, ks = vis.nonzero(as_tuple=True)  # row-major: sample by sample, keys in order
+        cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+        dest = cu_k[:-1, None].long() + vis.long().cumsum(-1) - 1  # [B, Sk] slot of each visible key
+        dest = torch.where(vis, dest, B * Sk).flatten()  # hidden keys go to a dump slot
+        src = torch.zeros(B * Sk + 1, dtype=torch.long, device=dev).scatter_(0, dest, flat)[:-1]
         blocks.append(VarlenBlock(
-            q_idx=qi, nq=nq, k_b=kb, k_s=ks,
-            cu_q=torch.arange(0, (B + 1) * nq, nq, device=dev, dtype=torch.int32),
-            cu_k=F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0)), max_k=int(lens_k.max())))
+            q_idx=qi.to(dev), nq=nq, k_b=src // Sk, k_s=src % Sk,
+            cu_q=torch.arange(0, (B + 1) * nq, nq, device=dev, dtype=torch.int32), cu_k=cu_k, max_k=Sk))
     return VarlenPlan(tuple(blocks), B, Sk)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
-           backend: str = "sdpa", varlen_fn: VarlenFn | None = None, plan: VarlenPlan | None = None) -> Tensor:
+           backend: str = "sdpa", varlen_fn: VarlenFn | None = None, plan: VarlenPlan | None = None,
+           mask: Tensor | None = None) -> Tensor:
     """Multi-query / grouped-query attention under a block-causal mask.
 
     Args:
@@ -184,6 +233,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
         varlen_fn: replaces flash-attn's ``flash_attn_varlen_func`` (tests pass a CPU reference).
         plan: ``flash`` only: :func:`varlen_plan` of this layout, computed once and reused (without it, each call
             computes it: a few host syncs per call).
+        mask: SDPA only: :func:`block_mask` of this layout ``[B, Sq, Sk]``, computed once and reused by the layers.
 
     Returns:
         ``[B, Sq, Hq * hd]``, dtype of ``q``; softmax scale ``hd ** -0.5`` (Gemma).
@@ -199,8 +249,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor, ke
                          f"{FLASH_MAX_HEAD_DIM}, got {q.dtype} with head dim {hd}; set engine.dtype: bfloat16 (and "
                          "pi0.vlm_dtype: bfloat16), or pi0.attention: auto (SDPA for such calls) or sdpa")
     if backend == "sdpa":
-        mask = block_mask(q_block, k_block, key_valid)[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
+        mask = block_mask(q_block, k_block, key_valid) if mask is None else mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=Hq != k.shape[1])
         return out.transpose(1, 2).reshape(B, Sq, Hq * hd)
     if backend != "flash":
         raise ValueError(f"unknown attention backend {backend!r}")

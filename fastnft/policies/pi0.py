@@ -7,8 +7,10 @@ attends only to itself (bidirectionally), the action tokens to the prefix, the s
 
 Because the prefix never attends to the suffix, its keys and values do not depend on ``(x_t, t)``: one policy call
 computes them once (:meth:`Pi0Policy.encode` -> :class:`PrefixContext`) and the K denoising steps reuse them
-(:meth:`Pi0Policy.velocity`). The context is immutable: every step concatenates into fresh tensors, so the cache
-never grows across steps. :meth:`Pi0Model.joint_velocity` is the one-pass reference over ``[prefix, suffix]``.
+(:meth:`Pi0Policy.velocity`). The context holds per-layer buffers ``[B, Hkv, P + S_suf, hd]`` sized by the config
+and the batch: the prefix fills their head once per call, and each denoising step's expert writes its suffix keys /
+values into their tail (no concatenation; shapes never depend on the data, so the loop can be CUDA-graph captured:
+:mod:`fastnft.loop.graphs`). :meth:`Pi0Model.joint_velocity` is the one-pass reference over ``[prefix, suffix]``.
 
 Flow convention (SPEC): ``t = 1`` noise, ``t = 0`` data, ``x_t = t eps + (1 - t) a``, velocity ``v = eps - a``.
 pi0 time: action-time MLP over ``[action_in_proj(x_t), sinusoidal(t)]``. pi0.5 time: adaRMSNorm in the expert
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,15 @@ import transformers
 from torch import Tensor, nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-from fastnft.policies.attention import VarlenPlan, apply_rope, attend, resolve_backend, varlen_plan
+from fastnft.policies.attention import (
+    BlockLayout,
+    VarlenPlan,
+    apply_rope,
+    attend,
+    block_mask,
+    resolve_backend,
+    varlen_plan,
+)
 from fastnft.policies.gemma_expert import GemmaExpert, norm_forward
 from fastnft.policies.pi0_checkpoint import load_into, read_checkpoint, write_checkpoint
 from fastnft.policies.pi0_config import Pi0Config
@@ -92,28 +102,98 @@ def paligemma_hf_config(cfg: Pi0Config) -> PaliGemmaConfig:
         projection_dim=v.width, hidden_size=v.width, vocab_size=v.vocab_size, image_token_index=v.vocab_size - 1)
 
 
+def _room(x: Tensor, suffix_len: int) -> Tensor:
+    """``x [B, H, P, hd]`` copied into the head of a new ``[B, H, P + suffix_len, hd]`` buffer (tail uninitialised)."""
+    B, H, P, hd = x.shape
+    buf = x.new_empty(B, H, P + suffix_len, hd)
+    buf[:, :, :P].copy_(x)
+    return buf
+
+
 @dataclass(frozen=True)
 class PrefixContext:
     """Per-call prefix cache: the prefix's keys and values at every layer, plus what the suffix needs.
+
+    Static buffers: :meth:`Pi0Model.encode` writes each layer's prefix keys / values into the head of a buffer
+    ``[B, Hkv, P + S_suf, head_dim]`` (``kv_buffers``) sized from the config and the batch only, and ``keys`` /
+    ``values`` are views of that head. The expert writes its suffix keys / values into the tail at every layer of
+    every denoising step (no concatenation into new tensors) and attends over the whole buffer; padding is masked
+    by ``valid``, so the shapes never depend on the data and one CUDA graph serves every call of a shape.
+    Contexts made by :meth:`index`, :meth:`cat`, :meth:`to` carry no buffers (they are stored, not sampled
+    from): :meth:`with_room` adds them (one copy) and :meth:`Pi0Policy.sample` calls it once per call.
 
     Attributes:
         keys, values: per layer ``[B, Hkv, P, head_dim]`` (RoPE applied to keys), dtype of the prefix.
         valid: ``[B, P]`` bool, False for padded prefix tokens (missing cameras, prompt padding).
         state: ``[B, max_state_dim]`` normalised, padded proprio state (pi0's state token); None for pi0.5.
+        kv_buffers: per layer ``(K, V)`` buffers ``[B, Hkv, P + S_suf, head_dim]`` whose heads are ``keys`` /
+            ``values``; empty when the context has no room for the suffix.
     """
 
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
     valid: Tensor
     state: Tensor | None
+    kv_buffers: tuple[tuple[Tensor, Tensor], ...] = field(default=(), compare=False, repr=False)
     # flash backend: the expert's varlen packing, built on the first velocity call and reused by the K calls
     _plans: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def suffix_plan(self, q_block: Tensor, k_block: Tensor, key_valid: Tensor) -> VarlenPlan:
-        """The flash packing of ``[prefix, suffix]`` keys for this prefix (host syncs on the first call only)."""
+    @property
+    def prefix_len(self) -> int:
+        """P."""
+        return int(self.valid.shape[1])
+
+    def room(self) -> int:
+        """Suffix tokens the buffers hold after the prefix (0 without buffers)."""
+        return int(self.kv_buffers[0][0].shape[2]) - self.prefix_len if self.kv_buffers else 0
+
+    def with_room(self, suffix_len: int) -> PrefixContext:
+        """This context if its buffers hold ``suffix_len`` suffix tokens, else a copy with such buffers.
+
+        Raises:
+            ValueError: buffers of another suffix length (a context built for another config).
+        """
+        if self.kv_buffers:
+            if self.room() != suffix_len:
+                raise ValueError(f"prefix context has room for {self.room()} suffix tokens, the expert writes "
+                                 f"{suffix_len}: it was encoded for another config")
+            return self
+        bufs = tuple((_room(k, suffix_len), _room(v, suffix_len)) for k, v in zip(self.keys, self.values, strict=True))
+        return PrefixContext(tuple(k[:, :, : self.prefix_len] for k, _ in bufs),
+                             tuple(v[:, :, : self.prefix_len] for _, v in bufs), self.valid, self.state, bufs)
+
+    def static_like(self, suffix_len: int) -> PrefixContext:
+        """A context of the same shapes (with buffers) whose tensors are new: the static input of a CUDA graph,
+        filled per call by :meth:`copy_from`."""
+        bufs = tuple((torch.zeros_like(_room(k, suffix_len)), torch.zeros_like(_room(v, suffix_len)))
+                     for k, v in zip(self.keys, self.values, strict=True))
+        P = self.prefix_len
+        return PrefixContext(tuple(k[:, :, :P] for k, _ in bufs), tuple(v[:, :, :P] for _, v in bufs),
+                             torch.zeros_like(self.valid), None if self.state is None else torch.zeros_like(self.state),
+                             bufs)
+
+    def copy_from(self, other: PrefixContext) -> None:
+        """Copy ``other``'s prefix (keys, values, valid, state; same shapes) into this context's tensors in place.
+
+        Raises:
+            ValueError: other shapes (a graph captured for another batch or prefix length).
+        """
+        if other.valid.shape != self.valid.shape or len(other.keys) != len(self.keys):
+            raise ValueError(f"prefix context of shape {tuple(other.valid.shape)} x {len(other.keys)} layers copied "
+                             f"into one of {tuple(self.valid.shape)} x {len(self.keys)} layers")
+        for dst, src in zip((*self.keys, *self.values), (*other.keys, *other.values), strict=True):
+            dst.copy_(src)
+        self.valid.copy_(other.valid)
+        if self.state is not None:
+            self.state.copy_(other.state)
+
+    def suffix_plan(self, q_block: Tensor, k_block: Tensor, key_valid: Tensor,
+                    layout: BlockLayout | None = None) -> VarlenPlan:
+        """The flash packing of ``[prefix, suffix]`` keys for this prefix, built once per context by
+        :func:`varlen_plan` (device ops only when ``layout`` is given: no host sync, capturable)."""
         key = (int(q_block.numel()), int(k_block.numel()))
         if key not in self._plans:
-            self._plans[key] = varlen_plan(q_block, k_block, key_valid)
+            self._plans[key] = varlen_plan(q_block, k_block, key_valid, layout)
         return self._plans[key]
 
     @property
@@ -125,7 +205,7 @@ class PrefixContext:
         """Rows ``rows`` (``[M]`` int64 or ``[B]`` bool) of every tensor (cached-prefix micro-batches)."""
         pick = lambda x: None if x is None else x[rows]
         return PrefixContext(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
-                             self.valid[rows], pick(self.state))
+                             self.valid[rows], pick(self.state))  # no buffers: with_room adds them
 
     def to(self, device: torch.device | str) -> PrefixContext:
         """Copy to ``device`` (a rollout buffer moved between devices)."""
@@ -229,6 +309,7 @@ class Pi0Model(nn.Module):
                 p.data = p.data.float()
         self.vlm.requires_grad_(False)
         self.vlm.eval()
+        self._layouts: dict[tuple, BlockLayout] = {}
 
     def __deepcopy__(self, memo: dict) -> Pi0Model:
         """Copy with the frozen prefix's tensors SHARED: the EMA rollout copy (``fastnft.engine.ema.EMA``) would
@@ -313,18 +394,46 @@ class Pi0Model(nn.Module):
         """
         layers = self.vlm.model.language_model.layers
         theta = self.cfg.vlm.rope_theta
+        P = valid.shape[1]
+        S = self.cfg.suffix_len
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        blk = torch.zeros(emb.shape[1], dtype=torch.long, device=emb.device)
+        lay = self.block_layout("prefix", P, emb.device)
         backend = self._backend(emb.device)
-        plan = varlen_plan(blk, blk, valid) if backend != "sdpa" and len(layers) > 1 else None  # once per prefix
-        keys, values, h = [], [], emb
+        # once per prefix, device ops only (no host sync)
+        plan = varlen_plan(lay.q_block, lay.k_block, valid, lay) if backend != "sdpa" and len(layers) > 1 else None
+        mask = block_mask(lay.q_block, lay.k_block, valid) if backend != "flash" else None  # once for all layers
+        keys, values, bufs, h = [], [], [], emb
         for li, layer in enumerate(layers):
             q, k, v, _ = _qkv(layer, h, None, pos, theta)
-            keys.append(k)
-            values.append(v)
+            kb, vb = _room(k, S), _room(v, S)  # static buffers: prefix head now, the expert writes the tail
+            bufs.append((kb, vb))
+            keys.append(kb[:, :, :P])
+            values.append(vb[:, :, :P])
             if li + 1 < len(layers):
-                h = _finish(layer, h, attend(q, k, v, blk, blk, valid, backend, plan=plan), None, None)
-        return PrefixContext(tuple(keys), tuple(values), valid, state if self.cfg.variant == "pi0" else None)
+                h = _finish(layer, h, attend(q, k, v, lay.q_block, lay.k_block, valid, backend, plan=plan, mask=mask),
+                            None, None)
+        return PrefixContext(tuple(keys), tuple(values), valid, state if self.cfg.variant == "pi0" else None,
+                             tuple(bufs))
+
+    def block_layout(self, part: str, prefix_len: int, device: torch.device) -> BlockLayout:
+        """The block ids of the ``prefix`` (queries and keys: all block 0) or ``suffix`` layout (queries: the
+        suffix blocks of :meth:`embed_suffix`; keys: ``[0] * P + suffix blocks``), cached per device and ``P``:
+        built on the first call (host-to-device copies), then reused, so captured code creates no tensor from host
+        data."""
+        key = (part, prefix_len, str(device))
+        lay = self._layouts.get(key)
+        if lay is None:
+            suf = self._suffix_block_ids()
+            if part == "prefix":
+                lay = BlockLayout.build([0] * prefix_len, [0] * prefix_len, device)
+            else:
+                lay = BlockLayout.build(suf, [0] * prefix_len + suf, device)
+            self._layouts[key] = lay
+        return lay
+
+    def _suffix_block_ids(self) -> list[int]:
+        H = self.cfg.chunk_size
+        return [1] + [2] * H if self.cfg.variant == "pi0" else [1] * H
 
     def encode(self, inputs: dict[str, Tensor]) -> PrefixContext:
         """Processed inputs (:class:`Pi0Processor` output) -> :class:`PrefixContext`. Call under ``no_grad``."""
@@ -356,30 +465,42 @@ class Pi0Model(nn.Module):
             at = torch.cat([a, temb[:, None].expand(B, H, -1)], -1)
             at = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(at)))
             emb = torch.cat([self.state_proj(state.to(dt))[:, None], at], 1)
-            blocks = torch.tensor([1] + [2] * H, device=x_t.device)
-            return emb, blocks, None
+            return emb, self.block_layout("suffix", 0, x_t.device).q_block, None
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
-        return a, torch.ones(H, dtype=torch.long, device=x_t.device), cond
+        return a, self.block_layout("suffix", 0, x_t.device).q_block, cond
 
     def velocity(self, x_t: Tensor, t: Tensor, ctx: PrefixContext) -> Tensor:
         """Velocity from the cached prefix: ``x_t [B, H, D]``, ``t [B]`` -> ``v [B, H, D]`` float32.
 
-        The context is read, never written: K, V are concatenated into new tensors at every call.
+        Without autograd (rollouts) and with buffers of the suffix's dtype (:attr:`PrefixContext.kv_buffers`), each
+        layer writes its suffix keys / values into the tail of the context's buffers and attends over the whole
+        buffer: no concatenation, no allocation that depends on the data. Otherwise (the update's differentiable
+        call, a context without buffers, or an fp32 prefix under bf16 autocast) K, V are concatenated into new
+        tensors and the context is only read.
         """
-        emb, blocks, cond = self.embed_suffix(ctx.state, x_t, t)
+        emb, _, cond = self.embed_suffix(ctx.state, x_t, t)
         B, S, _ = emb.shape
+        P = ctx.prefix_len
         n_pre = ctx.valid.long().sum(1, keepdim=True)
         pos = n_pre + torch.arange(S, device=emb.device)[None]
-        k_block = torch.cat([torch.zeros(ctx.valid.shape[1], dtype=torch.long, device=emb.device), blocks])
+        lay = self.block_layout("suffix", P, emb.device)
         key_valid = torch.cat([ctx.valid, torch.ones(B, S, dtype=torch.bool, device=emb.device)], 1)
         backend = self._backend(emb.device)
-        plan = ctx.suffix_plan(blocks, k_block, key_valid) if backend != "sdpa" else None
+        plan = ctx.suffix_plan(lay.q_block, lay.k_block, key_valid, lay) if backend != "sdpa" else None
+        mask = block_mask(lay.q_block, lay.k_block, key_valid) if backend != "flash" else None  # once for all layers
+        in_place = not torch.is_grad_enabled() and ctx.room() == S
         h = emb
         for li, layer in enumerate(self.expert.model.layers):
             q, k, v, gate = _qkv(layer, h, cond, pos, self.cfg.vlm.rope_theta)
-            K = torch.cat([ctx.keys[li].to(k.dtype), k], 2)
-            V = torch.cat([ctx.values[li].to(v.dtype), v], 2)
-            h = _finish(layer, h, attend(q, K, V, blocks, k_block, key_valid, backend, plan=plan), gate, cond)
+            if in_place and ctx.kv_buffers[li][0].dtype == k.dtype:
+                K, V = ctx.kv_buffers[li]
+                K[:, :, P:].copy_(k)
+                V[:, :, P:].copy_(v)
+            else:
+                K = torch.cat([ctx.keys[li].to(k.dtype), k], 2)
+                V = torch.cat([ctx.values[li].to(v.dtype), v], 2)
+            h = _finish(layer, h, attend(q, K, V, lay.q_block, lay.k_block, key_valid, backend, plan=plan, mask=mask),
+                        gate, cond)
         h, _ = norm_forward(self.expert.model.norm, h, cond)
         return self.action_out_proj(h[:, -x_t.shape[1]:]).float()
 
@@ -505,11 +626,24 @@ class Pi0Policy(nn.Module):
                noise: Tensor | None = None) -> SampleRecord:
         """Sample an action chunk per observation with the K-step sampler of :mod:`fastnft.sde` (SPEC S1-S3).
 
-        The prefix is encoded once; the K velocity calls reuse this call's :class:`PrefixContext`. ``obs`` may be
-        that context already (``prefix_mode = cached``: the rollout encodes, stores the context and samples).
-        Arguments and result as :meth:`fastnft.policies.state_flow.StateFlowPolicy.sample`.
+        The prefix is encoded once into static buffers (:class:`PrefixContext`); the K velocity calls write their
+        suffix keys / values into the buffers' tail. ``obs`` may be that context already (``prefix_mode = cached``:
+        the rollout encodes, stores the context and samples; a context without buffers gets them, one copy).
+        Arguments and result as :meth:`fastnft.policies.state_flow.StateFlowPolicy.sample`, plus:
+
+        Args:
+            noise: ``[B, K+1, H, D]`` pre-drawn standard normals (per-episode noise): ``noise[:, 0]`` is the initial
+                state, ``noise[:, i+1]`` the SDE noise of solver step i; then nothing but a missing ``step_index``
+                is drawn from ``generator``.
+
+        Raises:
+            ValueError: ``noise`` of another shape or device (:func:`fastnft.sde.split_noise`); as
+                :func:`fastnft.sde.sample_actions`.
         """
         ctx = obs if isinstance(obs, PrefixContext) else self.encode(obs)
+        # this call's packing is built by its first velocity call (inside a captured graph when graphed), never
+        # reused from an earlier call whose valid tokens may differ
+        ctx = replace(ctx.with_room(self.cfg.suffix_len), _plans={})
         dev = self.model.action_in_proj.weight.device
         x0, step_noise = split_noise(noise, ctx.batch_size, (self.H, self.D), generator, dev)
         return sample_actions(lambda x, t: self.velocity(x, t, ctx), x0, schedule, stochastic=stochastic,
