@@ -8,8 +8,8 @@ episode's label ``y = 2 * success - 1`` (S4). The buffer lists the rows episode 
 
 An episode's outcome depends only on its seed and its own sampler noise: every episode draws its initial noise,
 SDE noise and recorded solver steps from its own generator, keyed by the call's ``generator`` and the episode's
-place in the queue, and policy batches of tensor observations are padded to a multiple of 8 rows (CPU matmuls
-give a row the same bits whatever else is in a batch of such a size, measured in the suite). So the slot or
+place in the queue, and policy batches are padded to a multiple of 8 rows (CPU matmuls give a state-policy row the
+same bits whatever else is in a batch of such a size, measured in the suite; one batch size is also one CUDA graph). So the slot or
 worker that runs it, the number of workers and the order in which episodes finish do not change it. An episode
 lost to a simulator worker that died is rerun from its seed with the same noise (at most ``max_attempts`` times);
 its rows from the lost attempt are dropped.
@@ -221,7 +221,7 @@ def control_labels(labels: Tensor, mode: str, generator: torch.Generator) -> Ten
 
 
 _ROW_BUCKET = 8
-"""Tensor-observation policy batches are padded to a multiple of this many rows (see the module docstring)."""
+"""Policy batches are padded to a multiple of this many rows (see the module docstring)."""
 
 
 def _mix(key: int, j: int) -> int:
@@ -244,10 +244,18 @@ def _episode_draws(gen: torch.Generator, K: int, shape: tuple[int, int], per_cal
 
 
 def _pad_rows(obs: Obs, rows: int) -> Obs:
-    """A tensor observation padded to ``rows`` rows with copies of its first row; other observations unchanged."""
-    if not isinstance(obs, Tensor) or obs.shape[0] >= rows:
-        return obs
-    return torch.cat([obs, obs[:1].expand(rows - obs.shape[0], *obs.shape[1:])])
+    """An observation batch padded to ``rows`` rows with copies of its first row (tensors and per-row lists of a
+    dict; a shared string stays as it is). The padded rows' samples are never used."""
+    def pad(v):
+        if isinstance(v, Tensor):
+            return v if v.shape[0] >= rows else torch.cat([v, v[:1].expand(rows - v.shape[0], *v.shape[1:])])
+        if isinstance(v, list):
+            return v + v[:1] * (rows - len(v))
+        return v
+
+    if isinstance(obs, dict):
+        return {k: pad(v) for k, v in obs.items()}
+    return pad(obs)
 
 
 _ROW_KEYS = ("x_t", "v_old", "x_next", "x0", "step", "episode")
@@ -354,7 +362,7 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
             return env.reset([seeds[j] if j >= 0 else first for j in slot_ep])
 
     obs = start(list(range(min(N, E))))
-    B = -(-N // _ROW_BUCKET) * _ROW_BUCKET if isinstance(obs, Tensor) else N
+    B = -(-N // _ROW_BUCKET) * _ROW_BUCKET  # one policy batch size: one CUDA graph, row results independent of N
     while any(j >= 0 for j in slot_ep):
         live = [j >= 0 for j in slot_ep]
         with timers.range("rollout/sample"):
@@ -364,10 +372,10 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
                 if live[s]:
                     noise[s], steps_idx[s] = _episode_draws(gens[s], K, shape, per_call, fixed)  # type: ignore[arg-type]
             noise_d, steps_d = noise.to(device), steps_idx.to(device)
-            obs_d = obs_to(obs, device)
+            obs_d = _pad_rows(obs_to(obs, device), B)
             if store_ctx:  # encode once; the K steps and the buffer share this call's context
                 obs_d = policy.encode(obs_d)
-            rec = (sampler or policy).sample(_pad_rows(obs_d, B), sch, stochastic=stochastic, generator=generator,
+            rec = (sampler or policy).sample(obs_d, sch, stochastic=stochastic, generator=generator,
                                              step_index=steps_d[:, 0], step_fn=step_fn,
                                              keep_trajectory=record and per_call > 1, noise=noise_d)
             actions = policy.to_env_actions(rec.actions[:N, :C])  # the env moves them to its device
@@ -387,7 +395,7 @@ def run_episodes(policy: FlowPolicy, env: VectorEnv, schedule: FlowSDESchedule, 
                     x_t, v_old, x_next = rec.x_t[:N].clone(), rec.v_old[:N].clone(), rec.x_next[:N].clone()
                 for name, val in (("x_t", x_t), ("v_old", v_old), ("x_next", x_next), ("x0", rec.actions[:N].clone()),
                                   ("step", si), ("episode", ep_d), ("live", live_d), ("attempt", att_d),
-                                  ("obs_row", (len(rnd["call_obs"]) - 1) * N + ar)):
+                                  ("obs_row", (len(rnd["call_obs"]) - 1) * B + ar)):
                     rnd[name].append(val)
         calls += sum(live)
         with timers.range("env/step"):
