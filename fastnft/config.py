@@ -422,8 +422,8 @@ class TrainConfig:
     so switching them on, off or to another schedule leaves the training itself unchanged."""
     diagnostics_every: int = 60
     """Run the gradient-signal diagnostics (``diagnostics``) on the first and the last iteration and on every
-    iteration whose 1-based number is a multiple of this; 1 = every iteration (as before issue 21), 0 = first and
-    last only. A call costs up to 3.7 s on the embedded default's buffer (issue 21; 3.2 s of CPU on the bandit with
+    iteration whose 1-based number is a multiple of this; 1 = every iteration, 0 = first and
+    last only. A call costs up to 3.7 s on the embedded default's buffer (3.2 s of CPU on the bandit with
     the same policy and buffer size, ``bench/diagnostics_cost.json``); the default makes 3 calls in the main job's
     120 iterations, under 0.1 s an iteration, under 1 % of a 10 s iteration. Skipped iterations log no ``signal/*``
     keys and no ``time/actor/diagnostics``. ``perf/diagnostics_share`` is the share of each iteration's wall time

@@ -1,4 +1,4 @@
-"""Co-location helpers (issue 22, part 5): the EGL device of a rank's GPU, pinned non-blocking frame copies.
+"""Co-location helpers: the EGL device of a rank's GPU, pinned non-blocking frame copies.
 Wiring them into the LIBERO workers is left to the env rewrite (docs/gpu.md, section 5)."""
 
 import pytest

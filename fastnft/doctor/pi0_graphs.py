@@ -1,4 +1,4 @@
-"""Doctor row for graphed pi0 rollouts (issue 22): graphed vs eager samples, no host sync in a replay, chunk
+"""Doctor row for graphed pi0 rollouts: graphed vs eager samples, no host sync in a replay, chunk
 latency eager vs graphed, on the first GPU.
 
 The row builds a pi0 of the real depth (18 prefix and 18 expert layers, K = 10 denoising steps, so as many kernel

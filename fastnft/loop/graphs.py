@@ -18,7 +18,7 @@
   require grad, and the EMA copy requires none (a policy whose weights do would replay stale casts);
 - no host sync inside the captured region (the GPU tests check it with ``torch.cuda.set_sync_debug_mode``).
 
-pi0 / pi0.5 are graphed too (issue 22): a prefix context (``prefix_mode: cached``) is copied into a static context
+pi0 / pi0.5 are graphed too: a prefix context (``prefix_mode: cached``) is copied into a static context
 and one graph replays the K-step loop; an observation dict is tokenised on the host (a graph cannot capture that),
 its tensors copied into static inputs, and two graphs replay: the prefix encode into static prefix buffers, then the
 K-step loop (:class:`GraphedSampler`). Pre-drawn noise (``noise [N, K+1, H, D]``) is one more static input.
