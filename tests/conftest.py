@@ -12,28 +12,11 @@ vs 3.4 s) and 5-13x slower when the machine was shared (22-112 s vs 5-9 s, same 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-import torch
+from bandit_helpers import BANDIT_SFT_OVERRIDES, BANDIT_THREADS, torch_threads
 
 from fastnft.config import ExperimentConfig, load_config
-
-# The bandit SFT start: what both bandit modules assert their start success rate on (0.25 < start < 0.7).
-BANDIT_SFT_OVERRIDES = ["sft.steps=400", "sft.num_demos=1024"]
-BANDIT_THREADS = 1  # torch threads of the bandit SFT and trainings (module docstring)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``; the previous count is restored after it."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def bandit_sft_config() -> ExperimentConfig:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BANDIT_THREADS, torch_threads
+from bandit_helpers import BANDIT_THREADS, torch_threads
 
 from fastnft.config import load_config
 from fastnft.envs import make_env

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import BANDIT_THREADS, torch_threads
+from bandit_helpers import BANDIT_THREADS, torch_threads
 
 import fastnft.loop.trainer as trainer_mod
 from fastnft.config import load_config

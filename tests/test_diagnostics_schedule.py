@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import torch_threads
+from bandit_helpers import torch_threads
 
 import fastnft.loop.trainer as trainer_mod
 from fastnft.config import ConfigError, TrainConfig, load_config
