@@ -13,6 +13,8 @@ A simulator object is one env copy with a numpy API::
     obs, reward, success = sim.step(action)    # action [act_dim] float
     sim.close()
     Sim.describe(**sim_kwargs) -> {"layout": {key: (shape, dtype)}, "act_dim", "action_low", "action_high"}  (optional)
+    sim.convert(obs) -> {key: np.ndarray}      (optional: then ``step`` may return a raw observation, and only the
+                                                observations the worker returns are converted)
 
 Protocol (``fastnft.envs.pool`` sends, this answers): length-prefixed pickles on stdin / the original stdout;
 everything a simulator prints goes to stderr (the worker's log file). Replies are ``("ok", value)`` or
@@ -161,7 +163,8 @@ class SlotWorker:
                 if s or self.elapsed[slot] >= self.max_steps:
                     self.done[slot] = True
             if obs is not None:
-                self._write(slot, obs)
+                convert = getattr(sim, "convert", None)  # a simulator may return raw observations (see above)
+                self._write(slot, convert(obs) if convert is not None else obs)
             out.append((slot, total, steps, success, self.done[slot]))
         return out
 
