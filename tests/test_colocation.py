@@ -31,3 +31,35 @@ def test_pinned_stager_reuses_its_buffer_without_overwriting_a_frame_in_flight()
     torch.cuda.synchronize()
     assert all(torch.equal(o.cpu(), f) for o, f in zip(outs, frames, strict=True))
     assert len(st._bufs) == 1 and st._bufs[("cam", (64, 224, 224, 3), torch.uint8)][0].is_pinned()
+
+
+def test_libero_workers_render_on_the_ranks_gpu(monkeypatch):
+    """A LIBERO env on a CUDA host starts its workers with MUJOCO_EGL_DEVICE_ID = the rank's physical GPU."""
+    import fastnft.envs.libero as libero_mod
+    from fastnft.config import EnvConfig
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def pool(*args, env=None, **kwargs):
+        seen.update(env)
+        raise Started
+
+    monkeypatch.setattr(libero_mod, "WorkerPool", pool)
+    monkeypatch.setattr(libero_mod, "suite_tasks", lambda suite: [])
+    monkeypatch.setattr(libero_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    cfg = EnvConfig(task="libero_object", obs_mode="state")
+    with pytest.raises(Started):
+        libero_mod.LiberoVectorEnv(cfg, num_envs=1)
+    assert seen["MUJOCO_EGL_DEVICE_ID"] == "5" and seen["MUJOCO_GL"] == "egl"
+    seen.clear()
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "0")  # the user's choice wins
+    with pytest.raises(Started):
+        libero_mod.LiberoVectorEnv(cfg, num_envs=1)
+    assert seen["MUJOCO_EGL_DEVICE_ID"] == "0"

@@ -28,7 +28,8 @@ Observations with ``env.obs_mode: rgb`` (lerobot's keys):
 With ``env.obs_mode: state`` the observation is the ``[N, 8]`` state alone and no camera is rendered.
 
 Rendering uses MuJoCo's offscreen GL: ``MUJOCO_GL=egl`` (default; Mesa's llvmpipe on a CPU machine, the NVIDIA
-driver on a GPU host, device chosen with ``MUJOCO_EGL_DEVICE_ID``) or ``osmesa`` (``env.libero_gl``).
+driver on a GPU host, on the rank's own GPU: ``MUJOCO_EGL_DEVICE_ID`` is set from the rank's visible device unless
+already set, :func:`fastnft.devices.egl_device_id`) or ``osmesa`` (``env.libero_gl``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastnft.devices import egl_device_id, local_rank
 from fastnft.envs.base import STATE_KEY, TASK_KEY, ChunkResult, EnvObs, image_key
 from fastnft.envs.libero_suites import (
     EPISODE_LIMITS,
@@ -123,6 +125,11 @@ class LiberoVectorEnv(PooledEnv):
             env.setdefault("PYOPENGL_PLATFORM", "osmesa")
         elif env["MUJOCO_GL"] == "egl":
             env.setdefault("PYOPENGL_PLATFORM", "egl")
+        if env["MUJOCO_GL"] == "egl" and "MUJOCO_EGL_DEVICE_ID" not in env and torch.cuda.is_available():
+            # co-location: render on this rank's own GPU (the physical index of its visible device)
+            egl = egl_device_id(torch.device("cuda", local_rank()))
+            if egl is not None:
+                env["MUJOCO_EGL_DEVICE_ID"] = egl
         workers = num_workers if num_workers is not None else cfg.num_workers
         self.num_workers = int(workers) if workers else default_workers(self.num_envs)
         layout: dict[str, tuple[tuple[int, ...], str]] = {"state": ((STATE_DIM,), "<f4")}
