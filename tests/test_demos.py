@@ -34,7 +34,15 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def demo_path(cfg, tmp_path_factory):
-    return generate_demos(cfg, tmp_path_factory.mktemp("demos"), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = generate_demos(cfg, tmp_path_factory.mktemp("demos"), progress=False)
+        # the simulator runs on one thread; the SFT that follows in the same process (the pipeline) must not
+        assert torch.get_num_threads() == 2, "demo generation left torch on another thread count"
+    finally:
+        torch.set_num_threads(threads)
+    return path
 
 
 def test_generate_and_load_round_trip(cfg, demo_path):

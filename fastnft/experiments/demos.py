@@ -321,6 +321,7 @@ def generate_demos(cfg: ExperimentConfig, out_dir: str | Path, num_demos: int | 
         RuntimeError: no Vulkan device (says to run ``bash scripts/install.sh``), or far too many failed seeds.
         ConfigError: ``env.obs_mode`` is not ``state`` (demonstrations and SFT are state-only).
     """
+    import torch
     from tqdm.auto import tqdm
 
     from fastnft.config import ConfigError
@@ -347,6 +348,7 @@ def generate_demos(cfg: ExperimentConfig, out_dir: str | Path, num_demos: int | 
             print(f"demos: regenerating, existing file unusable ({e})")
 
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()  # make_single_env sets one thread; the SFT after it in this process wants all
     gen = _Generator(env_cfg.task, env_cfg.control_mode, env_cfg.obs_mode, env_cfg.max_episode_steps)
     t_setup = time.perf_counter() - t0
     k = (max(e.seed for e in episodes) - cfg.demos.seed + 1) if episodes else 0
@@ -370,6 +372,7 @@ def generate_demos(cfg: ExperimentConfig, out_dir: str | Path, num_demos: int | 
     finally:
         bar.close()
         gen.close()
+        torch.set_num_threads(threads)
     demos = DemoSet(episodes=episodes, env_id=env_cfg.task, control_mode=env_cfg.control_mode,
                     obs_mode=env_cfg.obs_mode, obs_dim=gen.obs_dim, act_dim=gen.act_dim,
                     max_episode_steps=env_cfg.max_episode_steps, seed_start=cfg.demos.seed)
