@@ -35,12 +35,12 @@ class LineSim:
 
     def step(self, action: np.ndarray):
         self.t += 1
-        if self.seed == self.crash_seed and self.t == 2:
-            if not self.marker or not os.path.exists(self.marker):
-                if self.marker:
-                    open(self.marker, "w").close()
-                print(f"LineSim: simulated PhysX failure at seed {self.seed}", file=sys.stderr, flush=True)
-                raise RuntimeError(f"simulated crash at seed {self.seed}")
+        crash_now = not self.marker or not os.path.exists(self.marker)
+        if self.seed == self.crash_seed and self.t == 2 and crash_now:
+            if self.marker:
+                open(self.marker, "w").close()
+            print(f"LineSim: simulated PhysX failure at seed {self.seed}", file=sys.stderr, flush=True)
+            raise RuntimeError(f"simulated crash at seed {self.seed}")
         self.x += 0.1 * float(action[0])
         return self._obs(), self.x, self.x > 1.0
 

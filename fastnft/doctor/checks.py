@@ -302,8 +302,8 @@ UNCOVERED = [
     "pi0 / pi0.5 at full size (a real 3B checkpoint): memory, speed and flash-attn numerics at head dim 256",
     "pi0 on the ManiSkill GPU scene with GPU-rendered cameras (pi0 rows use synthetic frames)",
     "ZeRO-3 (and any ZeRO stage with pi0) across 2 or more GPUs; more than 2 ranks; multi-node",
-    "CUDA graphs with pi0 at full size (pi0_cuda_graph captures a real-depth, tiny-width pi0; the full-size chunk "
-    "latency is bench/pi0_chunk_latency.py's, not a doctor row)",
+    ("CUDA graphs with pi0 at full size (pi0_cuda_graph captures a real-depth, tiny-width pi0; the full-size chunk "
+     "latency is bench/pi0_chunk_latency.py's, not a doctor row)"),
     "learning on a GPU: no row checks that success rises, only that the paths run and agree with references",
     "host syncs per pi0 policy call and per rollout round on a GPU (counted on CPU by the tests only)",
     "GPUs older than Ampere (sm_70 / sm_75): bf16 and flash-attn are refused there by config checks, never run",

@@ -13,7 +13,7 @@ its ``done`` / ``success_once`` flags stay latched until the next :meth:`VectorE
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import Any
 

@@ -40,7 +40,7 @@ from torch import Tensor
 from fastnft.envs.base import EnvObs, VectorEnv
 from fastnft.envs.pool_worker import _HEADER, layout_offsets, map_arrays, write_msg
 
-__all__ = ["PooledEnv", "WorkerPool", "WorkerLost", "clean_stale_dirs", "default_workers", "pool_base_dir"]
+__all__ = ["PooledEnv", "WorkerLost", "WorkerPool", "clean_stale_dirs", "default_workers", "pool_base_dir"]
 
 WORKER = Path(__file__).with_name("pool_worker.py")
 _DIR_RE = re.compile(r"^fastnft-(?:pool|libero)-(\d+)-")

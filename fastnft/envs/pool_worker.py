@@ -48,7 +48,7 @@ import traceback
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import numpy as np  # noqa: E402  (after the sys.path fix)
+import numpy as np
 
 _HEADER = struct.Struct("<Q")
 ALIGN = 64
